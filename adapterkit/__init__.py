@@ -1,0 +1,38 @@
+"""adapterkit: bottleneck adapters for any PyTorch model, one call in, exactly undone.
+
+>>> import adapterkit
+>>> from adapterkit.models.gpt import GPT
+>>> model = GPT(vocab_size=64, d_model=32, max_length=16, num_heads=4, dff=64, dropout=0.1, N=2)
+>>> model = adapterkit.inject(model, targets=["mha_block", "ffn_block"])
+>>> _ = adapterkit.freeze(model, train=["adapters", "cls"])
+>>> len(adapterkit.adapters(model))
+4
+"""
+
+from .adapter import Adapter
+from .checkpoint import load_adapters, save_adapters
+from .config import AdapterConfig, FreezeSpec
+from .freeze import FreezeReport, freeze, trainable_parameters
+from .lifecycle import active, adapters, disabled, eject, inject, set_active
+from .report import Summary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterConfig",
+    "FreezeReport",
+    "FreezeSpec",
+    "Summary",
+    "active",
+    "adapters",
+    "disabled",
+    "eject",
+    "freeze",
+    "inject",
+    "load_adapters",
+    "save_adapters",
+    "set_active",
+    "summary",
+    "trainable_parameters",
+]

@@ -1,0 +1,319 @@
+"""Saving and loading one adapter set: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The format is described in ``docs/format.md``. Loading checks everything before it changes
+anything, and never unpickles: tensors come only through safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapter import Adapter
+from .config import AdapterConfig, FreezeSpec
+from .select import closest_names, select_modules
+from .surgery import adapted_modules, attach, candidates, infer_d_model, original_class, set_names
+
+FORMAT = "adapterkit"
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_FIELDS = {"format", "format_version", "name", "config", "targets", "include", "freeze", "base"}
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory that cannot be loaded into this model; the message says why."""
+
+
+# -- what a set looks like in a model ------------------------------------------------------
+
+
+def _set_slots(model: nn.Module, name: str) -> dict[str, tuple[nn.Module | None, Adapter]]:
+    return {
+        key: (owner, slot[name])  # type: ignore[misc]
+        for key, owner, slot in adapted_modules(model)
+        if name in slot
+    }
+
+
+def _base_shapes(module: nn.Module) -> dict[str, list[int]]:
+    """Shapes of a module's own parameters, adapters left out: the base's fingerprint."""
+    return {
+        name: list(p.shape)
+        for prefix, sub in candidates(module)
+        for name, p in (
+            (f"{prefix}.{n}" if prefix else n, p) for n, p in sub.named_parameters(recurse=False)
+        )
+    }
+
+
+def _gathered(t: torch.Tensor) -> torch.Tensor:
+    # A sharded parameter (FSDP2 DTensor) is written whole: every rank must take part.
+    full = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return full.detach().to("cpu").clone().contiguous()
+
+
+def _included(model: nn.Module, include: Sequence[str]) -> dict[str, nn.Module]:
+    return select_modules(candidates(model), list(include)) if include else {}
+
+
+# -- save -----------------------------------------------------------------------------------
+
+
+def save_adapters(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    name: str = "default",
+    include: Sequence[str] = (),
+) -> Path:
+    """Write adapter set ``name`` (and the modules ``include`` selects) to directory ``path``.
+
+    The directory gets ``adapter_config.json`` and ``adapter_model.safetensors``. The write
+    goes to a temporary directory first and is renamed into place, so an interrupted save
+    leaves an earlier save at ``path`` intact. A directory at ``path`` that holds other
+    files is refused rather than replaced.
+
+    Under ``torch.distributed`` every rank must call it (sharded tensors are gathered);
+    rank 0 writes.
+
+    Example:
+        >>> import tempfile, torch, adapterkit
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> _ = adapterkit.inject(model, ["0"], adapterkit.AdapterConfig(bottleneck=4))
+        >>> out = adapterkit.save_adapters(model, tempfile.mkdtemp() + "/a", include=["1"])
+        >>> sorted(p.name for p in out.iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    found = _set_slots(model, name)
+    if not found:
+        raise ValueError(f"no adapter set named {name!r} to save; injected sets: "
+                         f"{set_names(model)}")
+    included = _included(model, include)
+    tensors = {
+        f"adapters.{key}.{pname}": _gathered(t)
+        for key, (_, adapter) in found.items()
+        for pname, t in adapter.state_dict().items()
+    }
+    tensors |= {
+        f"modules.{mname}.{pname}": _gathered(t)
+        for mname, module in included.items()
+        for pname, t in module.state_dict().items()
+    }
+    first_adapter = next(iter(found.values()))[1]
+    spec = next((slot.freeze_spec for _, _, slot in adapted_modules(model) if name in slot), None)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "config": first_adapter.config.to_dict(),
+        "targets": list(found),
+        "include": list(included),
+        "freeze": spec.to_dict() if spec is not None else None,
+        "base": {
+            "class": original_class(model).__name__,
+            "modules": {
+                key: _base_shapes(owner) for key, (owner, _) in found.items() if owner is not None
+            },
+        },
+    }
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_rank() != 0:
+            return Path(path)
+    return _write_atomically(Path(path), meta, tensors)
+
+
+def _write_atomically(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    ours = {CONFIG_FILE, WEIGHTS_FILE}
+    if path.exists():
+        if not path.is_dir():
+            raise FileExistsError(f"{path} exists and is not a directory; give a directory path")
+        others = sorted(p.name for p in path.iterdir() if p.name not in ours)
+        if others:
+            raise FileExistsError(
+                f"{path} holds other files ({', '.join(others[:5])}); save adapters into a new "
+                "or empty directory, or one written by save_adapters"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        for f in ours:
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.rename(path, old / "previous")
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# -- load -----------------------------------------------------------------------------------
+
+
+def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated ``adapter_config.json`` of an adapter directory."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} not found; give a directory written by adapterkit.save_adapters"
+        )
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{file} is damaged: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{file} is not an adapterkit adapter config (no format "
+                               f"'{FORMAT}')")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{file} has format_version {version!r}; this adapterkit reads versions up to "
+            f"{FORMAT_VERSION}: upgrade adapterkit to load it"
+        )
+    unknown = sorted(set(meta) - _FIELDS)
+    missing = sorted(_FIELDS - set(meta))
+    if unknown or missing:
+        raise AdapterFileError(
+            f"{file}: unknown field(s) {unknown}, missing field(s) {missing}; "
+            f"expected exactly {sorted(_FIELDS)}"
+        )
+    try:
+        meta["config"] = AdapterConfig.from_dict(meta["config"])
+        meta["freeze"] = None if meta["freeze"] is None else FreezeSpec.from_dict(meta["freeze"])
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(f"{file}: {err}") from None
+    if not (isinstance(meta["targets"], list) and meta["targets"]
+            and all(isinstance(t, str) for t in meta["targets"])):
+        raise AdapterFileError(f"{file}: 'targets' must be a non-empty list of module names")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found; the adapter directory is incomplete")
+    try:
+        return load_file(str(file))  # parses a JSON header and raw bytes; never unpickles
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(
+            f"{file} is not a valid safetensors file ({err}); adapter weights are read only "
+            "from safetensors written by save_adapters"
+        ) from None
+
+
+def _check_base(model: nn.Module, meta: dict, file: Path) -> dict[str, nn.Module]:
+    saved_class = meta["base"].get("class")
+    if saved_class != original_class(model).__name__:
+        raise AdapterFileError(
+            f"{file} was saved from a {saved_class}, but this model is a "
+            f"{original_class(model).__name__}; load it into the base it was trained on"
+        )
+    modules = dict(candidates(model))
+    targets: dict[str, nn.Module] = {}
+    for target in meta["targets"]:
+        if target not in modules:
+            raise AdapterFileError(
+                f"{file} adapts module '{target}', which this model does not have; "
+                f"closest: {', '.join(closest_names(target, [n for n in modules if n]))}"
+            )
+        targets[target] = modules[target]
+        want = meta["base"].get("modules", {}).get(target)
+        have = _base_shapes(modules[target])
+        if want is not None and want != have:
+            diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+            k = diff[0]
+            raise AdapterFileError(
+                f"{file} was saved from a different base: module '{target}' parameter '{k}' "
+                f"had shape {want.get(k)}, this model's has {have.get(k)}"
+            )
+    return targets
+
+
+def _expected(
+    model: nn.Module, meta: dict, name: str, targets: dict[str, nn.Module]
+) -> dict[str, torch.Size]:
+    config: AdapterConfig = meta["config"]
+    existing = _set_slots(model, name)
+    if existing and set(existing) != set(targets):
+        raise AdapterFileError(
+            f"set '{name}' is already injected on {sorted(existing)}, but the file adapts "
+            f"{sorted(targets)}; load under another name=..."
+        )
+    shapes: dict[str, torch.Size] = {}
+    for target, module in targets.items():
+        d = existing[target][1].d_model if existing else infer_d_model(module, config, target)
+        probe = Adapter(d, config, device="meta")
+        shapes |= {f"adapters.{target}.{k}": v.shape for k, v in probe.state_dict().items()}
+    for mname, module in _included(model, meta["include"]).items():
+        shapes |= {f"modules.{mname}.{k}": v.shape for k, v in module.state_dict().items()}
+    return shapes
+
+
+def load_adapters(
+    model: nn.Module, path: str | os.PathLike[str], name: str | None = None
+) -> nn.Module:
+    """Load a saved adapter set into ``model``, injecting it first if it is not there.
+
+    ``name`` renames the set (default: the saved name). Weights are cast to the dtype and
+    device of the adapters they load into. Every check (format, config, base fingerprint,
+    keys, shapes) runs before the model changes; on any error the model is as it was.
+
+    Example:
+        >>> import tempfile, torch, adapterkit
+        >>> def make():
+        ...     return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> model = adapterkit.inject(make(), ["0"], adapterkit.AdapterConfig(init="normal"))
+        >>> where = adapterkit.save_adapters(model, tempfile.mkdtemp() + "/a")
+        >>> fresh = make(); fresh.load_state_dict(model.state_dict(), strict=False)
+        <All keys matched successfully>
+        >>> fresh = adapterkit.load_adapters(fresh, where)
+        >>> x = torch.randn(3, 8)
+        >>> bool(torch.equal(fresh(x), model(x)))
+        True
+    """
+    path = Path(path)
+    meta = read_adapter_config(path)
+    tensors = _read_tensors(path)
+    name = meta["name"] if name is None else name
+    file = path / WEIGHTS_FILE
+    targets = _check_base(model, meta, path / CONFIG_FILE)
+    expected = _expected(model, meta, name, targets)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k])
+    if missing or unexpected or wrong:
+        parts = [f"missing keys {missing[:5]}" if missing else "",
+                 f"unexpected keys {unexpected[:5]}" if unexpected else "",
+                 ", ".join(f"'{k}' has shape {list(tensors[k].shape)}, the model expects "
+                           f"{list(expected[k])}" for k in wrong[:5])]
+        raise AdapterFileError(
+            f"{file} does not fit this model: " + "; ".join(p for p in parts if p)
+            + ". Load it into the model and config it was saved from"
+        )
+    if not _set_slots(model, name):
+        attach(model, lambda qname, _m: qname in targets, meta["config"], name)
+    with torch.no_grad():
+        for target, (_, adapter) in _set_slots(model, name).items():
+            for k, t in adapter.state_dict().items():
+                t.copy_(tensors[f"adapters.{target}.{k}"])
+        for mname, module in _included(model, meta["include"]).items():
+            for k, t in module.state_dict().items():
+                t.copy_(tensors[f"modules.{mname}.{k}"])
+    return model

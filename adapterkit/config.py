@@ -1,0 +1,169 @@
+"""Configuration objects: what an adapter looks like and what a freeze keeps trainable.
+
+Both are frozen dataclasses that validate themselves on construction and turn into plain
+dicts (for JSON) and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+Activation = Literal["gelu", "relu", "silu", "tanh", "identity"]
+Placement = Literal["sequential", "parallel"]
+Init = Literal["zeros", "normal"]
+
+DEFAULT_BOTTLENECK = 64  # the seed's choice
+
+
+def _check_choice(name: str, value: object, kind: Any) -> None:
+    choices = get_args(kind)
+    if value not in choices:
+        raise ValueError(f"AdapterConfig.{name} must be one of {choices}, got {value!r}")
+
+
+def _check_number(name: str, value: object, *, integer: bool = False) -> None:
+    ok_type = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        what = "an int" if integer else "a number"
+        raise ValueError(f"AdapterConfig.{name} must be {what}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"AdapterConfig.{name} must be finite, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How each adapter of a set is built and where it sits.
+
+    Example:
+        >>> AdapterConfig(bottleneck=16, placement="parallel", scaling=4.0).bottleneck_for(128)
+        16
+        >>> AdapterConfig(reduction_factor=16).bottleneck_for(768)
+        48
+        >>> AdapterConfig(dropout=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: AdapterConfig.dropout must be in [0, 1), got 1.5
+    """
+
+    # Width of the bottleneck. Leave both this and reduction_factor unset for the seed's 64.
+    bottleneck: int | None = None
+    # Alternative to bottleneck: d_model / reduction_factor, rounded, at least 1.
+    reduction_factor: float | None = None
+    activation: Activation = "gelu"  # the seed's nn.GELU()
+    dropout: float = 0.1  # the seed's default; set 0.0 for exact identity in train mode
+    # "sequential": adapter(module(x)) (Houlsby 2019); "parallel": module(x) + branch(x)
+    # (He et al. 2022).
+    placement: Placement = "sequential"
+    scaling: float = 1.0  # multiplies the adapter branch
+    # "zeros": up-projection zero, so the adapter starts as the exact identity;
+    # "normal": up-projection drawn from N(0, init_std), near the identity.
+    init: Init = "zeros"
+    init_std: float = 1e-3
+    # Width of the wrapped module's output. None: inferred from the module (see surgery.py).
+    d_model: int | None = None
+    # Where the hidden state sits in a structured output (tuple index or dict/attribute key).
+    # None: the first tensor found.
+    output_key: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.bottleneck is not None and self.reduction_factor is not None:
+            raise ValueError(
+                "AdapterConfig takes bottleneck or reduction_factor, not both; "
+                f"got bottleneck={self.bottleneck!r}, reduction_factor={self.reduction_factor!r}"
+            )
+        if self.bottleneck is not None:
+            _check_number("bottleneck", self.bottleneck, integer=True)
+            if self.bottleneck < 1:
+                raise ValueError(f"AdapterConfig.bottleneck must be >= 1, got {self.bottleneck}")
+        if self.reduction_factor is not None:
+            _check_number("reduction_factor", self.reduction_factor)
+            if self.reduction_factor <= 0:
+                raise ValueError(
+                    f"AdapterConfig.reduction_factor must be > 0, got {self.reduction_factor}"
+                )
+        _check_choice("activation", self.activation, Activation)
+        _check_choice("placement", self.placement, Placement)
+        _check_choice("init", self.init, Init)
+        _check_number("dropout", self.dropout)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout}")
+        _check_number("scaling", self.scaling)
+        _check_number("init_std", self.init_std)
+        if self.init_std < 0:
+            raise ValueError(f"AdapterConfig.init_std must be >= 0, got {self.init_std}")
+        if self.d_model is not None:
+            _check_number("d_model", self.d_model, integer=True)
+            if self.d_model < 1:
+                raise ValueError(f"AdapterConfig.d_model must be >= 1, got {self.d_model}")
+        key = self.output_key
+        if key is not None and (isinstance(key, bool) or not isinstance(key, (int, str))):
+            raise ValueError(
+                f"AdapterConfig.output_key must be an int, a str or None, got {key!r}"
+            )
+
+    def bottleneck_for(self, d_model: int) -> int:
+        """The bottleneck width for a module whose hidden size is ``d_model``."""
+        if self.reduction_factor is not None:
+            return max(1, round(d_model / self.reduction_factor))
+        return self.bottleneck if self.bottleneck is not None else DEFAULT_BOTTLENECK
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Build from a dict, refusing fields this version does not know."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an AdapterConfig must be a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown AdapterConfig field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        return cls(**data)
+
+
+def _as_entries(name: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"FreezeSpec.{name} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class FreezeSpec:
+    """What stays trainable: everything ``train`` selects, minus what ``freeze`` selects.
+
+    Entries: ``"adapters"`` (every adapter parameter), ``"adapters:NAME"`` (one set), or a
+    selector of the target grammar matched on module names (a module brings all of its
+    parameters) and on parameter names (``"cls.bias"``).
+
+    Example:
+        >>> spec = FreezeSpec.from_dict({"train": ["adapters", "cls"], "freeze": ["cls.bias"]})
+        >>> spec.to_dict()
+        {'train': ['adapters', 'cls'], 'freeze': ['cls.bias']}
+    """
+
+    train: tuple[str, ...] = ("adapters",)
+    freeze: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "train", _as_entries("train", self.train))
+        object.__setattr__(self, "freeze", _as_entries("freeze", self.freeze))
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"train": list(self.train), "freeze": list(self.freeze)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FreezeSpec:
+        if not isinstance(data, dict):
+            raise ValueError(f"a FreezeSpec must be a dict, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"train", "freeze"})
+        if unknown:
+            raise ValueError(f"unknown FreezeSpec field(s) {unknown}; known: ['freeze', 'train']")
+        return cls(**data)

@@ -1,0 +1,139 @@
+"""Applying a declarative freeze spec: what ``train`` selects stays trainable, all else freezes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import FreezeSpec
+from .report import format_table, percent
+from .select import compile_selector, no_match_error
+from .surgery import adapted_modules, candidates, set_names
+
+
+@dataclass(frozen=True)
+class FreezeReport:
+    """What a ``freeze`` call changed; ``str()`` is a table."""
+
+    spec: FreezeSpec
+    frozen: tuple[str, ...]  # parameter names that stopped requiring grad
+    unfrozen: tuple[str, ...]  # parameter names that started requiring grad
+    trainable: int  # trainable parameter count after the call
+    total: int
+
+    def __str__(self) -> str:
+        rows = [("froze", len(self.frozen)), ("unfroze", len(self.unfrozen))]
+        table = format_table(["change", "tensors"], rows)
+        return (
+            f"{table}\ntrainable after: {self.trainable} of {self.total} "
+            f"({percent(self.trainable, self.total)})"
+        )
+
+
+def _adapter_params(model: nn.Module, set_name: str | None) -> set[int]:
+    if set_name is not None and set_name not in set_names(model):
+        raise ValueError(
+            f"'adapters:{set_name}' names no injected set; injected sets: {set_names(model)}"
+        )
+    return {
+        id(p)
+        for _, _, slot in adapted_modules(model)
+        for name, adapter in slot.items()
+        if set_name is None or name == set_name
+        for p in adapter.parameters()
+    }
+
+
+def select_parameters(model: nn.Module, entry: str) -> set[int]:
+    """The ids of the parameters one freeze-spec entry selects; an error if none."""
+    if entry == "adapters" or entry.startswith("adapters:"):
+        found = _adapter_params(model, entry.partition(":")[2] or None)
+        if not found:
+            raise ValueError(f"{entry!r} selects no parameter: the model has no adapters yet")
+        return found
+    match = compile_selector(entry)
+    found = {
+        id(p)
+        for name, module in candidates(model)
+        if name and match(name, module)
+        for p in module.parameters()
+    }
+    named = list(model.named_parameters())
+    found |= {id(p) for name, p in named if match(name, p)}
+    if not found:
+        names = [n for n, _ in candidates(model) if n] + [n for n, _ in named]
+        raise no_match_error(entry, names, what="module or parameter")
+    return found
+
+
+def freeze(
+    model: nn.Module,
+    spec: FreezeSpec | dict | None = None,
+    *,
+    train: Sequence[str] | None = None,
+    freeze: Sequence[str] = (),
+) -> FreezeReport:
+    """Make exactly what the spec selects trainable; frozen parameters get ``grad = None``.
+
+    Give either a ``FreezeSpec`` (or its dict form) or ``train=`` / ``freeze=``. Entries of
+    ``freeze`` win over ``train``. An entry that selects nothing is an error, raised before
+    anything changes.
+
+    Example:
+        >>> import adapterkit
+        >>> from adapterkit.models.gpt import GPT
+        >>> model = GPT(vocab_size=64, d_model=32, max_length=16, num_heads=4, dff=64,
+        ...             dropout=0.1, N=2)
+        >>> _ = adapterkit.inject(model, ["mha_block", "ffn_block"])
+        >>> report = adapterkit.freeze(model, train=["adapters", "cls"], freeze=["cls.bias"])
+        >>> sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
+        ['cls', 'decoder_blocks']
+        >>> model.cls.bias.requires_grad
+        False
+    """
+    if spec is not None and (train is not None or freeze):
+        raise TypeError("give a spec or train=/freeze=, not both")
+    if isinstance(spec, dict):
+        spec = FreezeSpec.from_dict(spec)
+    elif spec is None:
+        spec = FreezeSpec(train=("adapters",) if train is None else tuple(train),
+                          freeze=tuple(freeze))
+    elif not isinstance(spec, FreezeSpec):
+        raise TypeError(f"spec must be a FreezeSpec or a dict, got {type(spec).__name__}")
+
+    keep: set[int] = set()
+    for entry in spec.train:
+        keep |= select_parameters(model, entry)
+    for entry in spec.freeze:
+        keep -= select_parameters(model, entry)
+
+    frozen, unfrozen = [], []
+    for name, p in model.named_parameters():
+        wanted = id(p) in keep
+        if p.requires_grad != wanted:
+            (unfrozen if wanted else frozen).append(name)
+            p.requires_grad_(wanted)
+        if not wanted:
+            p.grad = None
+    for _, _, slot in adapted_modules(model):
+        slot.freeze_spec = spec  # saved with the adapters, so a checkpoint says how it trained
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return FreezeReport(spec, tuple(frozen), tuple(unfrozen), trainable, total)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that require grad, each once: what the optimizer should get.
+
+    Example:
+        >>> import torch, adapterkit
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = adapterkit.inject(model, ["0"], adapterkit.AdapterConfig(bottleneck=2))
+        >>> _ = adapterkit.freeze(model, train=["adapters"])
+        >>> opt = torch.optim.Adam(adapterkit.trainable_parameters(model), lr=1e-3)
+        >>> sum(p.numel() for p in adapterkit.trainable_parameters(model))
+        22
+    """
+    return [p for p in model.parameters() if p.requires_grad]

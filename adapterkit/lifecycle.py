@@ -1,0 +1,143 @@
+"""The public verbs on a model: inject, eject, list, switch and disable adapter sets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+from torch import nn
+
+from .adapter import Adapter
+from .config import AdapterConfig
+from .select import Targets
+from .surgery import adapted_modules, attach, current_active, detach, set_names, store_active
+
+
+def inject(
+    model: nn.Module,
+    targets: Targets,
+    config: AdapterConfig | None = None,
+    *,
+    name: str = "default",
+    method: Literal["modules", "fx"] = "modules",
+    **fx_options: object,
+) -> nn.Module:
+    """Wrap every module that ``targets`` selects with an adapter of set ``name``.
+
+    In place: returns ``model`` itself (with ``method="fx"``, a new ``torch.fx.GraphModule``
+    sharing the base's parameters; see ``docs/fx.md``). The new set is active at once,
+    after the sets already active. On any error the model is left as it was.
+
+    Example:
+        >>> import torch, adapterkit
+        >>> from adapterkit.models.gpt import GPT
+        >>> model = GPT(vocab_size=50, d_model=32, max_length=16, num_heads=4, dff=64,
+        ...             dropout=0.0, N=2).eval()
+        >>> x = torch.randint(0, 50, (2, 8))
+        >>> before = model(x)
+        >>> model = adapterkit.inject(model, ["mha_block", "ffn_block"])
+        >>> sorted(adapterkit.adapters(model))[:2]
+        ['decoder_blocks.0.ffn_block', 'decoder_blocks.0.mha_block']
+        >>> bool(torch.equal(model(x), before))  # zero init: the same function
+        True
+    """
+    config = AdapterConfig() if config is None else config
+    if method == "fx":
+        from .fx import inject_fx
+
+        return inject_fx(model, targets, config, name=name, **fx_options)
+    if method != "modules":
+        raise ValueError(f"method must be 'modules' or 'fx', got {method!r}")
+    if fx_options:
+        raise TypeError(f"options {sorted(fx_options)} apply only to method='fx'")
+    targets = _expand_presets(model, targets)
+    attach(model, targets, config, name)
+    return model
+
+
+def _expand_presets(model: nn.Module, targets: Targets) -> Targets:
+    if isinstance(targets, str) and (targets == "auto" or targets.startswith("auto:")):
+        from .presets import auto_targets
+
+        return auto_targets(model, targets)
+    return targets
+
+
+def eject(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Remove adapter set ``name``, or every set; the original modules come back exactly.
+
+    After ejecting every set, each wrapped module has its own class again, no adapter
+    remains in the tree, and ``model.state_dict()`` is the pre-injection one.
+
+    Example:
+        >>> import adapterkit
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        >>> keys = list(model.state_dict())
+        >>> model = adapterkit.inject(model, ["0"], adapterkit.AdapterConfig(bottleneck=2))
+        >>> type(model[0]).__name__, len(adapterkit.adapters(model))
+        ('Linear', 1)
+        >>> model = adapterkit.eject(model)
+        >>> type(model[0]) is nn.Linear, list(model.state_dict()) == keys
+        (True, True)
+    """
+    if getattr(model, "_adapterkit_fx_base", None) is not None:  # made by method="fx"
+        from .fx import eject_fx
+
+        return eject_fx(model, name)
+    known = set_names(model)
+    if name is not None and name not in known:
+        raise ValueError(f"no adapter set named {name!r}; injected sets: {known}")
+    for set_name in known if name is None else [name]:
+        detach(model, set_name)
+    return model
+
+
+def adapters(model: nn.Module, name: str | None = None) -> dict[str, Adapter]:
+    """The injected adapters, keyed by the qualified name of the module each one wraps.
+
+    With ``name``, only that set's. Without, every set's; when the model holds several sets,
+    each key carries its set as a suffix: ``decoder_blocks.0.mha_block[a]``.
+    """
+    known = set_names(model)
+    if name is not None and name not in known:
+        raise ValueError(f"no adapter set named {name!r}; injected sets: {known}")
+    tag = name is None and len(known) > 1
+    found: dict[str, Adapter] = {}
+    for qname, _, slot in adapted_modules(model):
+        for set_name, adapter in slot.items():
+            if name is None or set_name == name:
+                found[f"{qname}[{set_name}]" if tag else qname] = adapter  # type: ignore[assignment]
+    return found
+
+
+def active(model: nn.Module) -> list[str]:
+    """The active sets, in the order they are applied on a module that holds several."""
+    return current_active(model)
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make exactly ``names`` active, applied in that order; ``[]`` runs the base model.
+
+    Example:
+        >>> import adapterkit
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 8))
+        >>> _ = adapterkit.inject(model, ["0"], name="a")
+        >>> _ = adapterkit.inject(model, ["0"], name="b")
+        >>> adapterkit.set_active(model, ["b"]); adapterkit.active(model)
+        ['b']
+    """
+    store_active(model, [names] if isinstance(names, str) else list(names))
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model inside the block; the active sets come back on exit, error or not."""
+    before = current_active(model)
+    set_active(model, [])
+    try:
+        yield model
+    finally:
+        set_active(model, before)

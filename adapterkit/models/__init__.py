@@ -1,0 +1,1 @@
+"""Reference models: the seed's GPT (``adapterkit.models.gpt``)."""

@@ -1,0 +1,280 @@
+"""Attaching adapters to a module tree, and the exact inverse.
+
+A wrapped module keeps its identity and its parameters. Two things change, both undone by
+``eject``: its class becomes a subclass of its own class whose ``forward`` runs the original
+``forward`` and then the module's ``AdapterSlot``; and the slot is registered as its last child,
+under ``SLOT``. As in ``torch.nn.utils.parametrize``, nothing else is touched, so a base
+``state_dict`` still loads and an optimizer built over the base stays valid.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from .adapter import Adapter
+from .config import AdapterConfig
+from .select import select_modules
+from .slot import SLOT, AdapterSlot
+
+_SET_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+class _Adapted:
+    """Put in front of a wrapped module's class: run the module, then its adapters."""
+
+    _adapterkit_base: type[nn.Module]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().forward(*args, **kwargs)  # type: ignore[misc]
+        return self._modules[SLOT].run(output, args, kwargs)  # type: ignore[attr-defined]
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The adapted class is made at run time, so pickle (and deepcopy) rebuild it from
+        # the base class rather than look it up by name.
+        return (_rebuild, (self._adapterkit_base,), self.__getstate__())  # type: ignore[attr-defined]
+
+
+class _AdaptedSequential(_Adapted):
+    """nn.Sequential runs, counts and indexes its children: the slot must not be one of them."""
+
+    def _layers(self) -> list[nn.Module]:
+        return [m for key, m in self._modules.items() if key != SLOT]  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._layers())
+
+    def __len__(self) -> int:
+        return len(self._layers())
+
+    def __getitem__(self, idx: int | slice) -> nn.Module:
+        if isinstance(idx, slice):
+            items = [(k, m) for k, m in self._modules.items() if k != SLOT]  # type: ignore[attr-defined]
+            return nn.Sequential(dict(items[idx]))
+        return self._layers()[idx]
+
+
+@functools.cache
+def adapted_class(base: type[nn.Module]) -> type[nn.Module]:
+    """The class a wrapped module of class ``base`` gets: same name, adapters after forward."""
+    mixin = _AdaptedSequential if issubclass(base, nn.Sequential) else _Adapted
+    return type(
+        base.__name__,
+        (mixin, base),
+        # not torch.nn's module: torch.fx must trace through it so that adapters are traced
+        {"_adapterkit_base": base, "__module__": __name__, "__qualname__": base.__qualname__},
+    )
+
+
+def _rebuild(base: type[nn.Module]) -> nn.Module:
+    cls = adapted_class(base)
+    return cls.__new__(cls)
+
+
+def is_adapted(module: nn.Module) -> bool:
+    return isinstance(module, _Adapted)
+
+
+def original_class(module: nn.Module) -> type[nn.Module]:
+    return module._adapterkit_base if isinstance(module, _Adapted) else type(module)
+
+
+def slot_of(module: nn.Module) -> AdapterSlot | None:
+    return module._modules.get(SLOT) if isinstance(module, _Adapted) else None  # type: ignore[return-value]
+
+
+def adapted_modules(model: nn.Module) -> list[tuple[str, nn.Module | None, AdapterSlot]]:
+    """Every adapter slot in the model, each once, in model order, as ``(key, owner, slot)``.
+
+    ``owner`` is the wrapped module and ``key`` its qualified name; a slot that sits in a
+    graph (FX mode) rather than on a module has no owner, and its key is its
+    ``target_name``.
+    """
+    found = []
+    modules = dict(model.named_modules())
+    for path, module in modules.items():
+        if not isinstance(module, AdapterSlot):
+            continue
+        parent_path = path[: -len(SLOT) - 1] if path.endswith("." + SLOT) else ""
+        owner = modules.get(parent_path) if path.endswith(SLOT) else None
+        if owner is not None and slot_of(owner) is module:
+            found.append((parent_path, owner, module))
+        else:
+            found.append((module.target_name, None, module))
+    return found
+
+
+def candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` without descending into adapterkit's slots and adapters."""
+    out: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        out.append((prefix, module))
+        for name, child in module._modules.items():
+            if child is not None and not isinstance(child, (AdapterSlot, Adapter)):
+                walk(f"{prefix}.{name}" if prefix else name, child)
+
+    walk("", model)
+    return out
+
+
+def set_names(model: nn.Module) -> list[str]:
+    """The injected set names, in the order they were first seen in the model."""
+    names: dict[str, None] = {}
+    for _, _, slot in adapted_modules(model):
+        names.update(dict.fromkeys(slot.keys()))
+    return list(names)
+
+
+# d_model inference: attributes that hold a module's output width, looked up on the module
+# itself first, then on the last submodule (in registration order) that has one.
+_WIDTH_ATTRS = ("out_features", "embed_dim", "hidden_size", "d_model", "nf", "embedding_dim")
+
+
+def _width(module: nn.Module) -> int | None:
+    for attr in _WIDTH_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, tuple) and shape and isinstance(shape[-1], int):
+        return shape[-1]
+    return None
+
+
+def infer_d_model(module: nn.Module, config: AdapterConfig, name: str) -> int:
+    """The adapter width for ``module``: ``config.d_model``, else read off the module.
+
+    The module's own ``out_features`` / ``embed_dim`` / ``hidden_size`` / ``d_model`` / ``nf`` /
+    ``embedding_dim`` / ``normalized_shape[-1]`` if it has one, else that of its last
+    submodule that has one (the output projection of an attention or FFN block).
+    """
+    if config.d_model is not None:
+        return config.d_model
+    width = _width(module)
+    if width is None:
+        for sub in reversed(list(module.modules())):
+            if not isinstance(sub, (AdapterSlot, Adapter)) and (width := _width(sub)):
+                break
+    if width is None:
+        raise ValueError(
+            f"cannot infer d_model for module '{name}' ({type(module).__name__}): it has no "
+            "out_features, embed_dim, hidden_size, d_model or normalized_shape, nor a Linear "
+            "inside; pass AdapterConfig(d_model=<width of its output>)"
+        )
+    return width
+
+
+def _factory_kwargs(module: nn.Module, model: nn.Module) -> dict[str, Any]:
+    for source in (module, model):
+        for t in (*source.parameters(), *source.buffers()):
+            if t.is_floating_point():
+                return {"device": t.device, "dtype": t.dtype}
+    return {}
+
+
+def _check_set_name(model: nn.Module, name: object) -> None:
+    if not isinstance(name, str) or not _SET_NAME.fullmatch(name):
+        raise ValueError(
+            f"set name must be a non-empty string of letters, digits, '_' or '-', got {name!r}"
+        )
+    if name in set_names(model):
+        raise ValueError(
+            f"an adapter set named '{name}' is already injected; pick another name, or "
+            f"eject(model, '{name}') first"
+        )
+
+
+def _check_targets(chosen: dict[str, nn.Module]) -> None:
+    for name, module in chosen.items():
+        if type(module).forward is nn.Module.forward:
+            raise ValueError(
+                f"target '{name}' is a {type(module).__name__}, which has no forward to wrap; "
+                "select the modules inside it (e.g. a glob such as "
+                f"'{name}.*.mha_block')"
+            )
+    names = list(chosen)
+    for outer in names:
+        for inner in names:
+            if inner != outer and (outer == "" or inner.startswith(outer + ".")):
+                raise ValueError(
+                    f"targets are nested: '{inner}' is inside '{outer or '<root>'}'; an adapter "
+                    "set wraps non-overlapping modules, so select only one of the two"
+                )
+    for name, module in chosen.items():
+        if not is_adapted(module) and hasattr(module, SLOT):
+            raise ValueError(
+                f"module '{name}' already has an attribute named '{SLOT}', which adapterkit "
+                "needs for its adapters; rename that attribute"
+            )
+
+
+def attach(
+    model: nn.Module, targets: object, config: AdapterConfig, name: str
+) -> list[str]:
+    """Wrap every selected module with an adapter of set ``name``; all or nothing.
+
+    Returns the qualified names of the wrapped modules.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    _check_set_name(model, name)
+    chosen = select_modules(candidates(model), targets)
+    _check_targets(chosen)
+    widths = {qname: infer_d_model(module, config, qname) for qname, module in chosen.items()}
+    new_adapters = {
+        qname: Adapter(widths[qname], config, **_factory_kwargs(module, model))
+        .train(module.training)
+        for qname, module in chosen.items()
+    }
+    # Everything that can fail has been checked: change the model now.
+    active = tuple(current_active(model)) + (name,)
+    for qname, module in chosen.items():
+        slot = slot_of(module)
+        if slot is None:
+            slot = AdapterSlot(qname)
+            module.__class__ = adapted_class(type(module))
+            module._modules[SLOT] = slot
+        slot[name] = new_adapters[qname]
+    _store_active(model, active)
+    return list(chosen)
+
+
+def detach(model: nn.Module, name: str) -> None:
+    """Remove set ``name``; a module that holds no adapter any more gets its class back."""
+    for _, module, slot in adapted_modules(model):
+        if name in slot:
+            del slot[name]
+        if len(slot) == 0 and module is not None:
+            del module._modules[SLOT]
+            module.__class__ = module._adapterkit_base  # type: ignore[attr-defined]
+    _store_active(model, tuple(n for n in current_active(model) if n != name))
+
+
+def current_active(model: nn.Module) -> list[str]:
+    for _, _, slot in adapted_modules(model):
+        return list(slot.active)
+    return []
+
+
+def _store_active(model: nn.Module, active: tuple[str, ...]) -> None:
+    for _, _, slot in adapted_modules(model):
+        slot.active = active
+
+
+def store_active(model: nn.Module, names: list[str]) -> None:
+    known = set_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"no adapter set named {unknown}; injected sets: {known}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"each set may be active once, got {names}")
+    _store_active(model, tuple(names))
