@@ -217,6 +217,56 @@ def _check_targets(chosen: dict[str, nn.Module]) -> None:
             )
 
 
+# Built-in layers whose optimised inference paths compute a block without calling the
+# submodules inside it, so that adapters there would be skipped in silence. Injection turns
+# those paths off on every such ancestor of a wrapped module, and eject turns them back on.
+_FAST_PATHS: tuple[tuple[type[nn.Module], str, object], ...] = (
+    (nn.TransformerEncoderLayer, "activation_relu_or_gelu", 0),  # fused encoder-layer kernel
+    (nn.TransformerEncoder, "use_nested_tensor", False),  # nested-tensor conversion
+)
+_SAVED = "_adapterkit_saved_settings"
+# Children that their parent never calls: it reads their weights directly.
+_NEVER_CALLED: tuple[tuple[type[nn.Module], str], ...] = ((nn.MultiheadAttention, "out_proj"),)
+
+
+def _ancestors(model: nn.Module, qname: str) -> list[nn.Module]:
+    parts = qname.split(".") if qname else []
+    return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
+
+
+def _check_called(model: nn.Module, qname: str) -> None:
+    if not qname:
+        return
+    parent_name, _, child = qname.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    for cls, attr in _NEVER_CALLED:
+        if isinstance(parent, cls) and child == attr:
+            raise ValueError(
+                f"target '{qname}' is never called: {cls.__name__} uses its weights directly, so "
+                f"an adapter there would be skipped; target '{parent_name or '<root>'}' instead"
+            )
+
+
+def _disable_fast_paths(model: nn.Module, qnames: list[str]) -> None:
+    for qname in qnames:
+        for module in _ancestors(model, qname):
+            for cls, attr, value in _FAST_PATHS:
+                if isinstance(module, cls) and getattr(module, attr, value) != value:
+                    module.__dict__.setdefault(_SAVED, {})[attr] = getattr(module, attr)
+                    setattr(module, attr, value)
+
+
+def _restore_fast_paths(model: nn.Module) -> None:
+    still_adapted = [name for name, _, _ in adapted_modules(model)]
+    for name, module in candidates(model):
+        saved = module.__dict__.get(_SAVED)
+        if saved and not any(a == name or a.startswith(name + ".") or not name
+                             for a in still_adapted):
+            for attr, value in saved.items():
+                setattr(module, attr, value)
+            del module.__dict__[_SAVED]
+
+
 def attach(
     model: nn.Module, targets: object, config: AdapterConfig, name: str
 ) -> list[str]:
@@ -229,6 +279,8 @@ def attach(
     _check_set_name(model, name)
     chosen = select_modules(candidates(model), targets)
     _check_targets(chosen)
+    for qname in chosen:
+        _check_called(model, qname)
     widths = {qname: infer_d_model(module, config, qname) for qname, module in chosen.items()}
     new_adapters = {
         qname: Adapter(widths[qname], config, **_factory_kwargs(module, model))
@@ -244,6 +296,7 @@ def attach(
             module.__class__ = adapted_class(type(module))
             module._modules[SLOT] = slot
         slot[name] = new_adapters[qname]
+    _disable_fast_paths(model, list(chosen))
     _store_active(model, active)
     return list(chosen)
 
@@ -256,6 +309,7 @@ def detach(model: nn.Module, name: str) -> None:
         if len(slot) == 0 and module is not None:
             del module._modules[SLOT]
             module.__class__ = module._adapterkit_base  # type: ignore[attr-defined]
+    _restore_fast_paths(model)
     _store_active(model, tuple(n for n in current_active(model) if n != name))
 
 
