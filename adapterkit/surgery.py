@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,7 +55,7 @@ class _AdaptedSequential(_Adapted):
     def __getitem__(self, idx: int | slice) -> nn.Module:
         if isinstance(idx, slice):
             items = [(k, m) for k, m in self._modules.items() if k != SLOT]  # type: ignore[attr-defined]
-            return nn.Sequential(dict(items[idx]))
+            return nn.Sequential(OrderedDict(items[idx]))
         return self._layers()[idx]
 
 
