@@ -67,6 +67,15 @@ def _included(model: nn.Module, include: Sequence[str]) -> dict[str, nn.Module]:
     return select_modules(candidates(model), list(include)) if include else {}
 
 
+def _saved_includes(model: nn.Module, names: list[str], file: Path) -> dict[str, nn.Module]:
+    modules = dict(candidates(model))
+    for name in names:
+        if name not in modules:
+            raise AdapterFileError(f"{file} holds weights of module '{name}', which this model "
+                                   "does not have")
+    return {name: modules[name] for name in names}
+
+
 # -- save -----------------------------------------------------------------------------------
 
 
@@ -84,7 +93,8 @@ def save_adapters(
     files is refused rather than replaced.
 
     Under ``torch.distributed`` every rank must call it (sharded tensors are gathered);
-    rank 0 writes.
+    rank 0 writes, and every rank returns once the files are written. A
+    ``DistributedDataParallel`` wrapper is seen through: its ``.module`` is saved.
 
     Example:
         >>> import tempfile, torch, adapterkit
@@ -94,6 +104,8 @@ def save_adapters(
         >>> sorted(p.name for p in out.iterdir())
         ['adapter_config.json', 'adapter_model.safetensors']
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # so that names and base class are those of the model itself
     found = _set_slots(model, name)
     if not found:
         raise ValueError(f"no adapter set named {name!r} to save; injected sets: "
@@ -127,9 +139,28 @@ def save_adapters(
         },
     }
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_rank() != 0:
-            return Path(path)
+        return _write_on_rank_zero(Path(path), meta, tensors)
     return _write_atomically(Path(path), meta, tensors)
+
+
+def _write_on_rank_zero(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    # Every rank returns only once rank 0's write is done, so that no rank reads the directory
+    # before it is there, and a write that fails on rank 0 fails on every rank (rather than
+    # leaving the others blocked in their next collective).
+    dist = torch.distributed
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            _write_atomically(path, meta, tensors)
+        except Exception as err:  # re-raised below, once every rank knows
+            error = err
+    status = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(status, src=0)
+    if error is not None:
+        raise error
+    if status[0] is not None:
+        raise RuntimeError(f"save_adapters failed on rank 0, which writes the files: {status[0]}")
+    return path
 
 
 def _write_atomically(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
@@ -247,7 +278,7 @@ def _check_base(model: nn.Module, meta: dict, file: Path) -> dict[str, nn.Module
 
 
 def _expected(
-    model: nn.Module, meta: dict, name: str, targets: dict[str, nn.Module]
+    model: nn.Module, meta: dict, name: str, targets: dict[str, nn.Module], file: Path
 ) -> dict[str, torch.Size]:
     config: AdapterConfig = meta["config"]
     existing = _set_slots(model, name)
@@ -261,7 +292,7 @@ def _expected(
         d = existing[target][1].d_model if existing else infer_d_model(module, config, target)
         probe = Adapter(d, config, device="meta")
         shapes |= {f"adapters.{target}.{k}": v.shape for k, v in probe.state_dict().items()}
-    for mname, module in _included(model, meta["include"]).items():
+    for mname, module in _saved_includes(model, meta["include"], file).items():
         shapes |= {f"modules.{mname}.{k}": v.shape for k, v in module.state_dict().items()}
     return shapes
 
@@ -294,7 +325,7 @@ def load_adapters(
     name = meta["name"] if name is None else name
     file = path / WEIGHTS_FILE
     targets = _check_base(model, meta, path / CONFIG_FILE)
-    expected = _expected(model, meta, name, targets)
+    expected = _expected(model, meta, name, targets, path / CONFIG_FILE)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k])
@@ -313,7 +344,7 @@ def load_adapters(
         for target, (_, adapter) in _set_slots(model, name).items():
             for k, t in adapter.state_dict().items():
                 t.copy_(tensors[f"adapters.{target}.{k}"])
-        for mname, module in _included(model, meta["include"]).items():
+        for mname, module in _saved_includes(model, meta["include"], file).items():
             for k, t in module.state_dict().items():
                 t.copy_(tensors[f"modules.{mname}.{k}"])
     return model

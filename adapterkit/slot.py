@@ -35,10 +35,10 @@ class AdapterSlot(nn.ModuleDict):
         for name in self.active:
             adapter = self._modules.get(name)
             if adapter is not None:
-                output = self._apply(name, adapter, output, args, kwargs)
+                output = self._apply_one(name, adapter, output, args, kwargs)
         return output
 
-    def _apply(self, name: str, adapter: Adapter, output: Any, args: tuple, kwargs: dict) -> Any:
+    def _apply_one(self, name: str, adapter: Adapter, output: Any, args: tuple, kwargs: dict) -> Any:
         if isinstance(output, torch.Tensor):
             return self._adapt(name, adapter, output, args, kwargs)
         key = find_hidden(output, adapter.config.output_key, self.target_name)
