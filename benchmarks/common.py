@@ -68,6 +68,28 @@ def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> float:
+    """Reset this process's peak RSS (Linux: clear_refs 5) and return the current RSS in MiB.
+
+    Importing torch alone peaks higher than a small model's training does, so a peak taken
+    without this reset measures the imports.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS since the last ``reset_peak_rss``, in MiB."""
+    return _status_mib("VmHWM")
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

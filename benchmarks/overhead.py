@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
@@ -66,12 +65,11 @@ def stepper(model: torch.nn.Module, batch: int, T: int):
 def child(variant: str, batch: int, T: int, steps: int) -> None:
     """Run one variant in this fresh process and print its peak RSS in MiB."""
     torch.set_num_threads(2)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = common.reset_peak_rss()
     step = stepper(build(variant), batch, T)
     for _ in range(steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": peak / 1024, "import_mib": before / 1024}))
+    print(json.dumps({"peak_mib": common.peak_rss_mib(), "import_mib": before}))
 
 
 def peak_rss(variant: str, batch: int, T: int, steps: int) -> dict:
