@@ -38,7 +38,9 @@ class AdapterSlot(nn.ModuleDict):
                 output = self._apply_one(name, adapter, output, args, kwargs)
         return output
 
-    def _apply_one(self, name: str, adapter: Adapter, output: Any, args: tuple, kwargs: dict) -> Any:
+    def _apply_one(
+        self, name: str, adapter: Adapter, output: Any, args: tuple, kwargs: dict
+    ) -> Any:
         if isinstance(output, torch.Tensor):
             return self._adapt(name, adapter, output, args, kwargs)
         key = find_hidden(output, adapter.config.output_key, self.target_name)

@@ -1,8 +1,8 @@
 """Quickstart: the seed's workflow in adapterkit, on text that ships with Python.
 
 Builds the reference GPT, trains it briefly on docstrings of the standard library (text that
-every Python installation has), injects Houlsby adapters, freezes everything but the adapters and the
-head, trains a few steps and prints the summary.
+every Python installation has), injects Houlsby adapters, freezes everything but the adapters
+and the head, trains a few steps and prints the summary.
 
     python examples/quickstart.py
 """

@@ -32,7 +32,8 @@ def test_train_adapters_and_cls_with_an_exception(gpt):
 def test_spec_from_json_equals_keywords(gpt):
     adapterkit.inject(gpt, ["ffn_block"], name="a")
     adapterkit.inject(gpt, ["mha_block"], name="b")
-    spec = json.loads('{"train": ["adapters:b", "layernorm1", "bias"], "freeze": ["cls", "adapters:a"]}')
+    spec = json.loads('{"train": ["adapters:b", "layernorm1", "bias"],'
+                      ' "freeze": ["cls", "adapters:a"]}')
     adapterkit.freeze(gpt, spec)
     names = trainable_names(gpt)
     assert all(".adapterkit.a." not in n for n in names)

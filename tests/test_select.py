@@ -37,7 +37,8 @@ CASES = [
     ("decoder_blocks.[01].*_block", ["decoder_blocks.0.mha_block", "decoder_blocks.1.ffn_block"]),
     ("decoder_blocks.[!0].*_block", ["decoder_blocks.1.ffn_block"]),
     ("decoder_blocks.?.mha_block", ["decoder_blocks.0.mha_block"]),
-    ("re:.*\\.(q_proj|fc2)", ["decoder_blocks.0.mha_block.q_proj", "decoder_blocks.1.ffn_block.fc2"]),
+    ("re:.*\\.(q_proj|fc2)",
+     ["decoder_blocks.0.mha_block.q_proj", "decoder_blocks.1.ffn_block.fc2"]),
     ("re:mha_block", ["mha_block"]),  # full match, not search
     ("re:.*mha_block", ["decoder_blocks.0.mha_block", "mha_block"]),
     (lambda name, _m: name.count(".") == 1, []),
