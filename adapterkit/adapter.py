@@ -57,7 +57,7 @@ class Adapter(nn.Module):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution alone: ``scaling * dropout(up(act(down(x))))``."""
-        if x.shape[-1] != self.d_model:
+        if not isinstance(x, torch.fx.Proxy) and x.shape[-1] != self.d_model:
             raise ValueError(
                 f"adapter expects inputs whose last dimension is d_model={self.d_model}, "
                 f"got shape {tuple(x.shape)}; pass AdapterConfig(d_model=...) matching the "

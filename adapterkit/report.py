@@ -71,7 +71,7 @@ def summary(model: nn.Module) -> Summary:
         >>> s.trainable == 4 * (2 * 32 * 8 + 8 + 32)
         True
         >>> str(s).splitlines()[-2]
-        'Trainable params: 2240 (5.31%)'
+        'Trainable params: 2208 (9.21%)'
     """
     rows: list[tuple[str, int, int]] = []
     by_set: dict[str, list[nn.Parameter]] = {}

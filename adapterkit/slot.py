@@ -18,6 +18,9 @@ from .adapter import Adapter
 from .config import FreezeSpec
 
 SLOT = "adapterkit"
+# What counts as a hidden state: a tensor, or torch.fx's stand-in for one while tracing (so
+# that a traced model keeps its adapters rather than passing the output through).
+TENSOR_LIKE = (torch.Tensor, torch.fx.Proxy)
 
 
 class AdapterSlot(nn.ModuleDict):
@@ -41,7 +44,7 @@ class AdapterSlot(nn.ModuleDict):
     def _apply_one(
         self, name: str, adapter: Adapter, output: Any, args: tuple, kwargs: dict
     ) -> Any:
-        if isinstance(output, torch.Tensor):
+        if isinstance(output, TENSOR_LIKE):
             return self._adapt(name, adapter, output, args, kwargs)
         key = find_hidden(output, adapter.config.output_key, self.target_name)
         if key is None:
@@ -65,6 +68,8 @@ class AdapterSlot(nn.ModuleDict):
         return hidden + adapter.branch(x)
 
     def _check(self, name: str, adapter: Adapter, t: torch.Tensor, what: str) -> None:
+        if isinstance(t, torch.fx.Proxy):
+            return  # being traced by torch.fx: no shape yet, and no branching on one
         if t.dim() == 0 or t.shape[-1] != adapter.d_model:
             size = t.shape[-1] if t.dim() else "nothing (a scalar)"
             raise ValueError(
@@ -80,7 +85,7 @@ class AdapterSlot(nn.ModuleDict):
 
 def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, TENSOR_LIKE):
             return value
     return None
 
@@ -107,8 +112,8 @@ def find_hidden(output: Any, key: int | str | None, target_name: str) -> Any:
     if keys is None:
         return None
     if key is None:
-        return next((k for k in keys if isinstance(get_item(output, k), torch.Tensor)), None)
-    if key not in keys or not isinstance(get_item(output, key), torch.Tensor):
+        return next((k for k in keys if isinstance(get_item(output, k), TENSOR_LIKE)), None)
+    if key not in keys or not isinstance(get_item(output, key), TENSOR_LIKE):
         raise ValueError(
             f"module '{target_name}' returned {type(output).__name__} with keys {keys}; "
             f"output_key={key!r} does not name a tensor among them"

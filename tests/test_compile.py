@@ -55,3 +55,40 @@ def test_compile_inductor_matches_eager_and_follows_switches():
     model = adapted()
     x = torch.randint(0, 61, (2, 9))
     check_switching(model, torch.compile(model), x)
+
+
+def test_symbolic_trace_keeps_the_adapters(tokens):
+    model = make_gpt().eval()
+    adapterkit.inject(model, ["mha_block", "fc1", "cls"], NONZERO)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, :3] = True
+    traced = torch.fx.symbolic_trace(model)
+    assert torch.allclose(traced(tokens, mask), model(tokens, mask), atol=1e-6)
+    with adapterkit.disabled(model):
+        base = model(tokens, mask)
+    assert not torch.allclose(traced(tokens, mask), base, atol=1e-3)
+
+
+class WithTorchLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.lin(self.att(x, x, x)[0])
+
+
+def test_torch_layers_stay_fx_leaves_and_run_their_adapters():
+    model = WithTorchLayers().eval()
+    x = torch.randn(2, 5, 16)
+    adapterkit.inject(model, ["att", "lin"], NONZERO)
+    traced = torch.fx.symbolic_trace(model)  # tracing into nn.MultiheadAttention would fail
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["att", "lin"]
+    assert torch.allclose(traced(x), model(x), atol=1e-6)
+    with adapterkit.disabled(model):  # the leaf calls the live module: switching is honoured
+        assert torch.allclose(traced(x), model(x), atol=1e-6)
+    compiled = torch.compile(model, backend="aot_eager")
+    assert torch.allclose(compiled(x), model(x), atol=1e-5)
+    with adapterkit.disabled(model):
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)

@@ -153,14 +153,13 @@ class GPT(nn.Module):
             for _ in range(N)
         )
         self.cls = nn.Linear(in_features=d_model, out_features=vocab_size)
-        # not persistent: a position index, not a weight, so it stays out of checkpoints
-        self.register_buffer("pos_range", torch.arange(max_length).view(1, -1), persistent=False)
 
     def forward(
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         emb = self.emb_layer(x)  # (B, T, C)
-        pos = self.pos_layer(self.pos_range[:, : x.size(1)])  # (1, T, C)
+        # arange, not a sliced buffer: torch.fx can trace arange(x.size(1)), not buffer[:proxy]
+        pos = self.pos_layer(torch.arange(x.size(1), device=x.device))  # (T, C)
         x = emb + pos
         for block in self.decoder_blocks:
             x = block(x=x, key_padding_mask=key_padding_mask)
