@@ -22,7 +22,15 @@ from torch import nn
 from .adapter import Adapter
 from .config import AdapterConfig, FreezeSpec
 from .select import closest_names, select_modules
-from .surgery import adapted_modules, attach, candidates, infer_d_model, original_class, set_names
+from .surgery import (
+    adapted_modules,
+    attach,
+    candidates,
+    infer_d_model,
+    is_distributed_wrapper,
+    original_class,
+    set_names,
+)
 
 FORMAT = "adapterkit"
 FORMAT_VERSION = 1
@@ -136,6 +144,8 @@ def save_adapters(
             "modules": {
                 key: _base_shapes(owner) for key, (owner, _) in found.items() if owner is not None
             },
+            # method="fx": the targets are graph sites, which only an FX injection finds again
+            **({"graph": True} if getattr(model, "_adapterkit_fx_base", None) is not None else {}),
         },
     }
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -249,6 +259,30 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _check_graph(model: nn.Module, meta: dict, name: str, file: Path) -> None:
+    traced = getattr(model, "_adapterkit_fx_base", None) is not None
+    if (traced or meta["base"].get("graph")) and not _set_slots(model, name):
+        source = "this model was made" if traced else f"{file} was saved"
+        raise AdapterFileError(
+            f"set '{name}' is not injected in this model, and {source} with method='fx', "
+            "where a trace decides the sites: inject the set first with "
+            f"adapterkit.inject(model, <the same targets>, method='fx', name='{name}') on the "
+            f"same base, then load into the GraphModule it returns (sites: "
+            f"{', '.join(meta['targets'][:4])})"
+        )
+
+
+def _check_unsharded(model: nn.Module, path: Path) -> None:
+    sharded = [name or "<root>" for name, m in candidates(model)
+               if is_distributed_wrapper(type(m))]
+    if sharded:
+        raise ValueError(
+            f"cannot load {path} into a model that fully_shard has already sharded (at "
+            f"{', '.join(sharded[:3])}); call load_adapters on the unsharded model, then "
+            "fully_shard it"
+        )
+
+
 def _check_base(model: nn.Module, meta: dict, file: Path) -> dict[str, nn.Module]:
     saved_class = meta["base"].get("class")
     if saved_class != original_class(model).__name__:
@@ -257,6 +291,9 @@ def _check_base(model: nn.Module, meta: dict, file: Path) -> dict[str, nn.Module
             f"{original_class(model).__name__}; load it into the base it was trained on"
         )
     modules = dict(candidates(model))
+    # FX slots (method="fx") sit on graph sites, keyed by site, with no module of their own
+    sites = {key: slot for key, owner, slot in adapted_modules(model) if owner is None}
+    modules |= sites
     targets: dict[str, nn.Module] = {}
     for target in meta["targets"]:
         if target not in modules:
@@ -265,6 +302,8 @@ def _check_base(model: nn.Module, meta: dict, file: Path) -> dict[str, nn.Module
                 f"closest: {', '.join(closest_names(target, [n for n in modules if n]))}"
             )
         targets[target] = modules[target]
+        if target in sites:
+            continue  # no module to fingerprint; the adapter shapes are checked below
         want = meta["base"].get("modules", {}).get(target)
         have = _base_shapes(modules[target])
         if want is not None and want != have:
@@ -305,14 +344,17 @@ def load_adapters(
     ``name`` renames the set (default: the saved name). Weights are cast to the dtype and
     device of the adapters they load into. Every check (format, config, base fingerprint,
     keys, shapes) runs before the model changes; on any error the model is as it was.
+    Under ``torch.distributed``, load into the unsharded model, then wrap it.
 
     Example:
         >>> import tempfile, torch, adapterkit
         >>> def make():
-        ...     return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        ...     return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)).eval()
         >>> model = adapterkit.inject(make(), ["0"], adapterkit.AdapterConfig(init="normal"))
         >>> where = adapterkit.save_adapters(model, tempfile.mkdtemp() + "/a")
-        >>> fresh = make(); fresh.load_state_dict(model.state_dict(), strict=False)
+        >>> fresh = make()
+        >>> fresh.load_state_dict({k: v for k, v in model.state_dict().items()
+        ...                        if ".adapterkit." not in k})  # the trained base weights
         <All keys matched successfully>
         >>> fresh = adapterkit.load_adapters(fresh, where)
         >>> x = torch.randn(3, 8)
@@ -324,6 +366,8 @@ def load_adapters(
     tensors = _read_tensors(path)
     name = meta["name"] if name is None else name
     file = path / WEIGHTS_FILE
+    _check_graph(model, meta, name, path / CONFIG_FILE)
+    _check_unsharded(model, path)
     targets = _check_base(model, meta, path / CONFIG_FILE)
     expected = _expected(model, meta, name, targets, path / CONFIG_FILE)
     missing = sorted(set(expected) - set(tensors))

@@ -26,13 +26,9 @@ _SET_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 class _Adapted:
-    """Put in front of a wrapped module's class: run the module, then its adapters."""
+    """Put in front of a wrapped module's class; ``adapted_class`` adds the ``forward``."""
 
     _adapterkit_base: type[nn.Module]
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        output = super().forward(*args, **kwargs)  # type: ignore[misc]
-        return self._modules[SLOT].run(output, args, kwargs)  # type: ignore[attr-defined]
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # The adapted class is made at run time, so pickle (and deepcopy) rebuild it from
@@ -59,16 +55,34 @@ class _AdaptedSequential(_Adapted):
         return self._layers()[idx]
 
 
+def _fx_leaf(base: type[nn.Module]) -> bool:
+    """Whether torch.fx's default tracer keeps modules of this class as one call_module node."""
+    return base.__module__.startswith(("torch.nn", "torch.ao.nn")) and not issubclass(
+        base, nn.Sequential
+    )
+
+
 @functools.cache
 def adapted_class(base: type[nn.Module]) -> type[nn.Module]:
-    """The class a wrapped module of class ``base`` gets: same name, adapters after forward."""
+    """The class a wrapped module of class ``base`` gets: same name, adapters after forward.
+
+    Its ``__module__`` decides how torch.fx sees it. A torch.nn layer stays a leaf (one
+    ``call_module`` node whose call runs the adapters), since tracing into, say,
+    ``nn.MultiheadAttention`` fails; any other class is traced through, adapters included.
+    """
     mixin = _AdaptedSequential if issubclass(base, nn.Sequential) else _Adapted
-    return type(
-        base.__name__,
-        (mixin, base),
-        # not torch.nn's module: torch.fx must trace through it so that adapters are traced
-        {"_adapterkit_base": base, "__module__": __name__, "__qualname__": base.__qualname__},
-    )
+    module = base.__module__ if _fx_leaf(base) else __name__
+    base_forward = base.forward
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        output = base_forward(self, *args, **kwargs)
+        return self._modules[SLOT].run(output, args, kwargs)  # type: ignore[union-attr]
+
+    # the original's name, docstring and signature, for code that inspects forward
+    functools.update_wrapper(forward, base_forward)
+    namespace = {"_adapterkit_base": base, "forward": forward, "__module__": module,
+                 "__qualname__": base.__qualname__}
+    return type(base.__name__, (mixin, base), namespace)
 
 
 def _rebuild(base: type[nn.Module]) -> nn.Module:
@@ -80,8 +94,20 @@ def is_adapted(module: nn.Module) -> bool:
     return isinstance(module, _Adapted)
 
 
+def is_distributed_wrapper(cls: type) -> bool:
+    """Whether ``cls`` is a class that torch.distributed swapped in: ``fully_shard`` (FSDP2)
+    and ``replicate`` give a module a subclass of its class, ``FSDP<Cls>``, made at run time."""
+    bases = cls.__bases__
+    return (cls.__module__.startswith("torch.distributed.") and len(bases) > 1
+            and cls.__name__.endswith(bases[-1].__name__))
+
+
 def original_class(module: nn.Module) -> type[nn.Module]:
-    return module._adapterkit_base if isinstance(module, _Adapted) else type(module)
+    """The class the user built: adapterkit's class swap and torch.distributed's seen through."""
+    cls = type(module)
+    while is_distributed_wrapper(cls):
+        cls = cls.__bases__[-1]
+    return cls._adapterkit_base if issubclass(cls, _Adapted) else cls  # type: ignore[attr-defined]
 
 
 def slot_of(module: nn.Module) -> AdapterSlot | None:
@@ -248,6 +274,21 @@ def _check_called(model: nn.Module, qname: str) -> None:
             )
 
 
+def _check_not_wrapped(model: nn.Module, qname: str) -> None:
+    # Parameters added under fully_shard or DDP after wrapping are neither sharded nor
+    # reduced: each rank would train its own adapters and drift apart without an error.
+    for module in _ancestors(model, qname):
+        if is_distributed_wrapper(type(module)) or isinstance(
+            module, nn.parallel.DistributedDataParallel
+        ):
+            raise ValueError(
+                f"target '{qname or '<root>'}' is inside a module already wrapped by "
+                f"torch.distributed ({type(module).__name__}); adapters added now would not be "
+                "sharded or reduced across ranks. Inject and freeze first, then call "
+                "fully_shard / DistributedDataParallel"
+            )
+
+
 def _disable_fast_paths(model: nn.Module, qnames: list[str]) -> None:
     for qname in qnames:
         for module in _ancestors(model, qname):
@@ -282,6 +323,7 @@ def attach(
     _check_targets(chosen)
     for qname in chosen:
         _check_called(model, qname)
+        _check_not_wrapped(model, qname)
     widths = {qname: infer_d_model(module, config, qname) for qname, module in chosen.items()}
     new_adapters = {
         qname: Adapter(widths[qname], config, **_factory_kwargs(module, model))
@@ -290,13 +332,18 @@ def attach(
     }
     # Everything that can fail has been checked: change the model now.
     active = tuple(current_active(model)) + (name,)
-    for qname, module in chosen.items():
-        slot = slot_of(module)
-        if slot is None:
-            slot = AdapterSlot(qname)
-            module.__class__ = adapted_class(type(module))
-            module._modules[SLOT] = slot
-        slot[name] = new_adapters[qname]
+    try:
+        for qname, module in chosen.items():
+            slot = slot_of(module)
+            if slot is None:
+                slot = AdapterSlot(qname)
+                # a class that refuses the swap (e.g. another memory layout) raises here
+                module.__class__ = adapted_class(type(module))
+                module._modules[SLOT] = slot
+            slot[name] = new_adapters[qname]
+    except BaseException:
+        detach(model, name)  # all or nothing
+        raise
     _disable_fast_paths(model, list(chosen))
     _store_active(model, active)
     return list(chosen)
@@ -304,6 +351,19 @@ def attach(
 
 def detach(model: nn.Module, name: str) -> None:
     """Remove set ``name``; a module that holds no adapter any more gets its class back."""
+    for qname, module, slot in adapted_modules(model):
+        # A module whose class was swapped again after injection (fully_shard's FSDP<Cls>)
+        # cannot get its own class back without dropping that wrapper, which also holds the
+        # adapters' parameters: refuse before anything changes.
+        if module is not None and name in slot and (
+            type(module) is not adapted_class(module._adapterkit_base)  # type: ignore[attr-defined]
+        ):
+            raise ValueError(
+                f"cannot eject set '{name}' from '{qname}': its class was swapped again after "
+                f"injection (to {type(module).__name__}, as fully_shard does), and restoring "
+                "the original class would drop that wrapper. Eject from an unsharded model, "
+                "or run the base with adapterkit.disabled(model)"
+            )
     for _, module, slot in adapted_modules(model):
         if name in slot:
             del slot[name]

@@ -328,3 +328,31 @@ def test_never_called_child_is_refused():
     model = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
     with pytest.raises(ValueError, match="'self_attn.out_proj' is never called"):
         adapterkit.inject(model, ["self_attn.out_proj"])
+
+
+def test_a_failure_midway_through_the_swap_is_rolled_back(gpt, monkeypatch):
+    from adapterkit import surgery
+
+    snap = snapshot(gpt)
+    real = surgery.adapted_class
+    calls = []
+
+    def flaky(cls):
+        calls.append(cls)
+        if len(calls) == 3:
+            raise TypeError("__class__ assignment: object layout differs")
+        return real(cls)
+
+    monkeypatch.setattr(surgery, "adapted_class", flaky)
+    with pytest.raises(TypeError, match="layout differs"):
+        adapterkit.inject(gpt, ["mha_block", "ffn_block"])
+    assert_same(gpt, snap)
+    assert adapterkit.active(gpt) == []
+
+
+def test_wrapped_forward_keeps_its_signature(gpt):
+    import inspect
+
+    before = inspect.signature(gpt.decoder_blocks[0].mha_block.forward)
+    adapterkit.inject(gpt, ["mha_block"])
+    assert inspect.signature(gpt.decoder_blocks[0].mha_block.forward) == before
