@@ -14,6 +14,8 @@ from .checkpoint import load_adapters, save_adapters
 from .config import AdapterConfig, FreezeSpec
 from .freeze import FreezeReport, freeze, trainable_parameters
 from .lifecycle import active, adapters, disabled, eject, inject, set_active
+from .plan import Plan, PlanRow, plan
+from .presets import auto_targets
 from .report import Summary, summary
 
 __version__ = "0.1.0"
@@ -23,14 +25,18 @@ __all__ = [
     "AdapterConfig",
     "FreezeReport",
     "FreezeSpec",
+    "Plan",
+    "PlanRow",
     "Summary",
     "active",
     "adapters",
+    "auto_targets",
     "disabled",
     "eject",
     "freeze",
     "inject",
     "load_adapters",
+    "plan",
     "save_adapters",
     "set_active",
     "summary",

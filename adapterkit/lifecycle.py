@@ -51,12 +51,12 @@ def inject(
         raise ValueError(f"method must be 'modules' or 'fx', got {method!r}")
     if fx_options:
         raise TypeError(f"options {sorted(fx_options)} apply only to method='fx'")
-    targets = _expand_presets(model, targets)
-    attach(model, targets, config, name)
+    attach(model, expand_presets(model, targets), config, name)
     return model
 
 
-def _expand_presets(model: nn.Module, targets: Targets) -> Targets:
+def expand_presets(model: nn.Module, targets: Targets) -> Targets:
+    """``"auto"`` / ``"auto:ffn"`` as the architecture's selectors; other targets as given."""
     if isinstance(targets, str) and (targets == "auto" or targets.startswith("auto:")):
         from .presets import auto_targets
 

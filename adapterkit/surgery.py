@@ -220,6 +220,25 @@ def _check_set_name(model: nn.Module, name: object) -> None:
         )
 
 
+def _first_nested(names: list[str]) -> tuple[str, str] | None:
+    """The first ``(outer, inner)`` pair, in the order of ``names``, with inner inside outer.
+
+    Looks up each name's ancestors instead of comparing all pairs: a model of a thousand
+    blocks has thousands of targets, and the pairwise check took seconds (quadratic).
+    """
+    index = {name: i for i, name in enumerate(names)}
+    pairs = []
+    for inner in names:
+        parts = inner.split(".") if inner else []
+        for ancestor in ["", *(".".join(parts[:k]) for k in range(1, len(parts)))]:
+            if ancestor != inner and ancestor in index:
+                pairs.append((index[ancestor], index[inner]))
+    if not pairs:
+        return None
+    outer, inner = min(pairs)
+    return names[outer], names[inner]
+
+
 def _check_targets(chosen: dict[str, nn.Module]) -> None:
     for name, module in chosen.items():
         if type(module).forward is nn.Module.forward:
@@ -228,14 +247,13 @@ def _check_targets(chosen: dict[str, nn.Module]) -> None:
                 "select the modules inside it (e.g. a glob such as "
                 f"'{name}.*.mha_block')"
             )
-    names = list(chosen)
-    for outer in names:
-        for inner in names:
-            if inner != outer and (outer == "" or inner.startswith(outer + ".")):
-                raise ValueError(
-                    f"targets are nested: '{inner}' is inside '{outer or '<root>'}'; an adapter "
-                    "set wraps non-overlapping modules, so select only one of the two"
-                )
+    nested = _first_nested(list(chosen))
+    if nested is not None:
+        outer, inner = nested
+        raise ValueError(
+            f"targets are nested: '{inner}' is inside '{outer or '<root>'}'; an adapter "
+            "set wraps non-overlapping modules, so select only one of the two"
+        )
     for name, module in chosen.items():
         if not is_adapted(module) and hasattr(module, SLOT):
             raise ValueError(
@@ -309,6 +327,25 @@ def _restore_fast_paths(model: nn.Module) -> None:
             del module.__dict__[_SAVED]
 
 
+def resolve(
+    model: nn.Module, targets: object, config: AdapterConfig
+) -> dict[str, tuple[nn.Module, int]]:
+    """What injecting ``targets`` would wrap: ``{qualified name: (module, d_model)}``.
+
+    Runs every check that ``attach`` runs before it changes anything, so that ``plan`` (a
+    dry run) and ``attach`` refuse the same things.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    chosen = select_modules(candidates(model), targets)
+    _check_targets(chosen)
+    for qname in chosen:
+        _check_called(model, qname)
+        _check_not_wrapped(model, qname)
+    return {qname: (module, infer_d_model(module, config, qname))
+            for qname, module in chosen.items()}
+
+
 def attach(
     model: nn.Module, targets: object, config: AdapterConfig, name: str
 ) -> list[str]:
@@ -319,16 +356,11 @@ def attach(
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     _check_set_name(model, name)
-    chosen = select_modules(candidates(model), targets)
-    _check_targets(chosen)
-    for qname in chosen:
-        _check_called(model, qname)
-        _check_not_wrapped(model, qname)
-    widths = {qname: infer_d_model(module, config, qname) for qname, module in chosen.items()}
+    resolved = resolve(model, targets, config)
+    chosen = {qname: module for qname, (module, _) in resolved.items()}
     new_adapters = {
-        qname: Adapter(widths[qname], config, **_factory_kwargs(module, model))
-        .train(module.training)
-        for qname, module in chosen.items()
+        qname: Adapter(width, config, **_factory_kwargs(module, model)).train(module.training)
+        for qname, (module, width) in resolved.items()
     }
     # Everything that can fail has been checked: change the model now.
     active = tuple(current_active(model)) + (name,)
