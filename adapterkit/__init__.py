@@ -13,10 +13,12 @@ from .adapter import Adapter
 from .checkpoint import load_adapters, save_adapters
 from .config import AdapterConfig, FreezeSpec
 from .freeze import FreezeReport, freeze, trainable_parameters
+from .fx import calls
 from .lifecycle import active, adapters, disabled, eject, inject, set_active
 from .plan import Plan, PlanRow, plan
 from .presets import auto_targets
 from .report import Summary, summary
+from .training import TwoPhaseResult, train_two_phase
 
 __version__ = "0.1.0"
 
@@ -28,9 +30,11 @@ __all__ = [
     "Plan",
     "PlanRow",
     "Summary",
+    "TwoPhaseResult",
     "active",
     "adapters",
     "auto_targets",
+    "calls",
     "disabled",
     "eject",
     "freeze",
@@ -40,5 +44,6 @@ __all__ = [
     "save_adapters",
     "set_active",
     "summary",
+    "train_two_phase",
     "trainable_parameters",
 ]
