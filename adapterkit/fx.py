@@ -21,6 +21,9 @@ Keys are local to the module scope the op runs in and count only its own kind, s
 same on every trace of the same model. The ``GraphModule`` holds the base's own parameters (no
 copy); the model passed in is never changed. See ``docs/fx.md``.
 
+Tracing is in ``fx_trace.py``, finding and choosing sites in ``fx_sites.py``; this module builds
+the ``GraphModule`` from their plan and holds the verbs.
+
 >>> import torch, adapterkit
 >>> import torch.nn.functional as F
 >>> class Block(torch.nn.Module):
@@ -41,13 +44,7 @@ True
 from __future__ import annotations
 
 import logging
-import operator
 import re
-import traceback
-import warnings
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,80 +52,29 @@ from torch import fx, nn
 
 from .adapter import Adapter
 from .config import AdapterConfig
-from .select import as_selector_list, compile_selector, select_modules
+from .fx_sites import RESIDUAL, Calls, SitePlan, Sites, calls, plan_sites
+from .fx_trace import TraceState, UntraceableModelError
+from .select import as_selector_list, compile_selector
 from .slot import AdapterSlot
 from .surgery import (
     _check_set_name,
     _factory_kwargs,
     adapted_modules,
-    candidates,
     current_active,
-    infer_d_model,
     set_names,
     store_active,
 )
+
+__all__ = ["RESIDUAL", "Calls", "GraphSlot", "UntraceableModelError", "calls", "eject_fx",
+           "inject_fx"]
 
 logger = logging.getLogger(__name__)
 
 STATE = "_adapterkit_fx_base"  # lifecycle.eject dispatches on this attribute
 CONTAINER = "adapterkit_fx"  # GraphSlots live at adapterkit_fx.<key with '.' -> '_'>
-RESIDUAL = "residual"
-_ADDS = (operator.add, torch.add)
-_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "get_device"})
-_SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
 # GraphModule.__deepcopy__ sets the attributes named here on the copy
 _PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY",
                      "_user_preserved_attributes")
-
-
-class UntraceableModelError(ValueError):
-    """``torch.fx`` could not trace the model; the message quotes the tracer's reason."""
-
-
-@dataclass(frozen=True)
-class Calls:
-    """Selects call sites of one function (or, for a str, one tensor method) in a graph."""
-
-    target: Callable[..., Any] | str
-
-    def matches(self, node: fx.Node) -> bool:
-        if isinstance(self.target, str):
-            return node.op == "call_method" and node.target == self.target
-        return node.op == "call_function" and node.target is self.target
-
-    def __call__(self, name: str, module: nn.Module) -> bool:
-        raise TypeError(
-            f"{self} selects function call sites, which exist only in a traced graph; "
-            "pass method='fx' to inject"
-        )
-
-    def __str__(self) -> str:
-        t = self.target
-        return f"calls({t!r})" if isinstance(t, str) else f"calls({getattr(t, '__name__', t)})"
-
-
-def calls(fn: Callable[..., Any] | str) -> Calls:
-    """Select every call of ``fn`` in the traced graph (FX mode); a str names a tensor method.
-
-    Example:
-        >>> import operator, torch.nn.functional as F
-        >>> calls(F.linear)
-        Calls(target=<built-in function linear>)
-        >>> calls("transpose") == calls(torch.Tensor.transpose) == Calls("transpose")
-        True
-    """
-    if isinstance(fn, type) and issubclass(fn, nn.Module):
-        raise TypeError(
-            f"calls() takes a function or a method name; {fn.__name__} is a module class: "
-            f"select its call sites with the class itself, targets=[{fn.__name__}]"
-        )
-    if isinstance(fn, str) and fn:
-        return Calls(fn)
-    if not isinstance(fn, str) and callable(fn):
-        name = getattr(fn, "__name__", "")
-        # torch.Tensor.transpose is traced as the method call x.transpose(...)
-        return Calls(name if getattr(torch.Tensor, name, None) is fn else fn)
-    raise TypeError(f"calls() takes a function or a non-empty method name, got {fn!r}")
 
 
 class GraphSlot(AdapterSlot):
@@ -144,375 +90,6 @@ class GraphSlot(AdapterSlot):
 
     def forward(self, output: Any, x: torch.Tensor | None = None) -> Any:
         return self.run(output, () if x is None else (x,), {})
-
-
-@dataclass
-class _State:
-    """What an FX result remembers: the module it was traced from and the tracer options."""
-
-    base: nn.Module
-    concrete_args: dict[str, Any] | None
-    leaf_modules: tuple[object, ...]
-
-
-def _module_output(output: Any, x: Any) -> Any:
-    """Stands in for a module site's slot between tracing and installing the slot."""
-    return output
-
-
-# -- tracing --------------------------------------------------------------------------------
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: Sequence[Callable[[str, nn.Module], bool]], sites: set[str]):
-        super().__init__()
-        self.proxy_buffer_attributes = True  # a buffer sliced by a traced size must be a node
-        self.leaves, self.sites = leaves, sites
-        self.called: set[str] = set()
-        self.unadaptable: dict[str, str] = {}
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return super().is_leaf_module(m, qualname) or any(p(qualname, m) for p in self.leaves)
-
-    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        out = super().call_module(m, forward, args, kwargs)
-        qname = self.path_of_module(m)
-        if qname not in self.sites:
-            return out
-        self.called.add(qname)
-        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)), None)
-        if isinstance(out, fx.Proxy):
-            return self._mark(qname, out, x)
-        values = list(out.values()) if isinstance(out, dict) else out
-        if not isinstance(out, (tuple, list, dict)) or not any(
-            isinstance(v, fx.Proxy) for v in values
-        ):
-            self.unadaptable[qname] = type(out).__name__
-            return out
-        # Hand the model a container again, so that its code can unpack it.
-        whole = self._mark(qname, out, x)
-        if isinstance(out, dict):
-            return type(out)((k, whole[k] if isinstance(v, fx.Proxy) else v)
-                             for k, v in out.items())
-        items = [whole[i] if isinstance(v, fx.Proxy) else v for i, v in enumerate(out)]
-        return type(out)._make(items) if hasattr(out, "_make") else type(out)(items)
-
-    def _mark(self, qname: str, out: Any, x: fx.Proxy | None) -> fx.Proxy:
-        proxy = self.create_proxy("call_function", _module_output, (out, x), {})
-        proxy.node.meta["adapterkit_module"] = qname
-        return proxy
-
-
-def _trace(base: nn.Module, sites: set[str], state: _State, check_mode: bool) -> tuple:
-    leaves = [compile_selector(s) for s in state.leaf_modules]
-    tracer = _Tracer(leaves, sites)
-    try:
-        graph = tracer.trace(base, state.concrete_args)
-    except Exception as err:  # noqa: BLE001 - any tracer failure is reported the same way
-        raise UntraceableModelError(
-            f"torch.fx cannot trace {type(base).__name__}: {type(err).__name__}: {err}"
-            f"{_where(err)}. Use name mode instead (inject without method='fx') if the targets "
-            "are modules; or pass concrete_args={...} to fix the inputs that drive Python "
-            "control flow; or leaf_modules=[...] to keep the module that fails as one opaque "
-            "call. The model was not changed"
-        ) from err
-    if check_mode and _depends_on_mode(base, tracer, state, graph):
-        warnings.warn(
-            f"the traced forward of {type(base).__name__} differs between train and eval mode "
-            "(a Python branch on self.training): the FX result is fixed to "
-            f"{'train' if base.training else 'eval'} mode as traced, whatever .train()/.eval() "
-            "say later. Inject again from a model in the other mode to run that mode",
-            stacklevel=5,  # _trace < _plan < inject_fx < inject < the caller
-        )
-    return graph, tracer
-
-
-def _where(err: Exception) -> str:
-    frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if "/torch/" not in f.filename and not f.filename.endswith("adapterkit/fx.py")]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" (at {f.filename}:{f.lineno}, in {f.name}: {f.line})"
-
-
-def _depends_on_mode(base: nn.Module, tracer: _Tracer, state: _State, graph: fx.Graph) -> bool:
-    flags = [(m, m.training) for m in base.modules()]
-    other_mode = not base.training
-    for m, _ in flags:
-        m.training = other_mode  # set directly: a train() override may do more
-    try:
-        other = _Tracer(tracer.leaves, tracer.sites).trace(base, state.concrete_args)
-        # the second trace numbers its tensor constants after the first one's
-        src = [re.sub(r"_tensor_constant\d+", "_tensor_constant", g.python_code("self").src)
-               for g in (graph, other)]
-        return src[0] != src[1]
-    except Exception:  # noqa: BLE001 - the other mode does not even trace: it differs
-        return True
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-# -- finding sites ---------------------------------------------------------------------------
-
-
-def _scope(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    return next(reversed(stack.values()))[0] if stack else ""
-
-
-def _keyed(nodes: Sequence[fx.Node], base_name: Callable[[fx.Node], str]) -> dict[str, fx.Node]:
-    """Key nodes ``<scope>.<name>[_i]``, counting per scope and name, in graph order."""
-    counts: Counter[tuple[str, str]] = Counter()
-    keyed = {}
-    for n in nodes:
-        scope, name = _scope(n), base_name(n)
-        i = counts[scope, name]
-        counts[scope, name] += 1
-        local = f"{name}_{i}" if i else name
-        keyed[f"{scope}.{local}" if scope else local] = n
-    return keyed
-
-
-def _is_shape_read(n: fx.Node) -> bool:
-    if n.op == "call_method":
-        return n.target in _SHAPE_METHODS
-    return n.op == "call_function" and n.target is getattr and n.args[1] in _SHAPE_ATTRS
-
-
-def _data_inputs(n: fx.Node) -> list[fx.Node]:
-    if _is_shape_read(n):  # a size or dtype carries no data: no residual flows through it
-        return []
-    if n.target is _module_output:
-        found: list[fx.Node] = []
-        fx.node.map_arg(n.args[0], found.append)
-        return found
-    return n.all_input_nodes
-
-
-def _fetch(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _has_weight(n: fx.Node, base: nn.Module) -> bool:
-    if n.op == "call_module":
-        return next(base.get_submodule(n.target).parameters(), None) is not None
-    return any(i.op == "get_attr" and isinstance(_fetch(base, i.target), nn.Parameter)
-               for i in n.all_input_nodes)
-
-
-def _residuals(graph: fx.Graph, base: nn.Module) -> dict[str, tuple[fx.Node, fx.Node, fx.Node]]:
-    """``key -> (add, skip, branch)`` for every residual add, in graph order.
-
-    Ancestor and descendant sets are bit masks over node positions, so the whole search is
-    two passes over the graph.
-    """
-    nodes = list(graph.nodes)
-    pos = {n: i for i, n in enumerate(nodes)}
-    inputs = {n: _data_inputs(n) for n in nodes}
-    anc: dict[fx.Node, int] = {}
-    weighted = 0
-    for n in nodes:
-        anc[n] = 1 << pos[n]
-        for i in inputs[n]:
-            anc[n] |= anc[i]
-        if n.op.startswith("call_") and _has_weight(n, base):
-            weighted |= 1 << pos[n]
-    desc = {n: 1 << pos[n] for n in nodes}
-    for n in reversed(nodes):
-        for i in inputs[n]:
-            desc[i] |= desc[n]
-    adds = []
-    for n in nodes:
-        is_add = (n.op == "call_function" and n.target in _ADDS) or (
-            n.op == "call_method" and n.target == "add")
-        a, b = (n.args + (None, None))[:2]
-        if not (is_add and isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
-            continue
-        for skip, branch in ((a, b), (b, a)):
-            between = anc[branch] & desc[skip] & ~(1 << pos[skip])
-            if anc[branch] >> pos[skip] & 1 and between & weighted:
-                adds.append((n, skip, branch))
-    by_add = {add: (add, skip, branch) for add, skip, branch in adds}
-    return {key: by_add[n] for key, n in _keyed(list(by_add), lambda _: RESIDUAL).items()}
-
-
-@dataclass
-class _Sites:
-    """Everything in one trace that can carry an adapter, by key."""
-
-    modules: dict[str, list[fx.Node]] = field(default_factory=dict)  # key -> marker nodes
-    calls: dict[str, fx.Node] = field(default_factory=dict)
-    residuals: dict[str, tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=dict)
-
-    @classmethod
-    def find(cls, graph: fx.Graph, base: nn.Module, want_residuals: bool) -> _Sites:
-        sites = cls()
-        ops = []
-        for n in graph.nodes:
-            if n.target is _module_output:
-                sites.modules.setdefault(n.meta["adapterkit_module"], []).append(n)
-            elif n.op in ("call_function", "call_method"):
-                ops.append(n)
-        sites.calls = _keyed(ops, lambda n: re.sub(r"_\d+$", "", n.name))
-        sites.residuals = _residuals(graph, base) if want_residuals else {}
-        return sites
-
-    def kind(self, key: str) -> str | None:
-        for kind, table in (("module", self.modules), ("call", self.calls),
-                            (RESIDUAL, self.residuals)):
-            if key in table:
-                return kind
-        return None
-
-    def output(self, key: str) -> fx.Node:
-        """The node whose value the adapter at ``key`` receives."""
-        if key in self.modules:
-            return self.modules[key][0]
-        return self.calls[key] if key in self.calls else self.residuals[key][2]
-
-
-# -- selection -------------------------------------------------------------------------------
-
-
-def _split_targets(targets: object) -> tuple[list[object], list[Calls], bool]:
-    items = [targets] if isinstance(targets, Calls) else as_selector_list(targets)
-    calls_ = [t for t in items if isinstance(t, Calls)]
-    names = [t for t in items if not isinstance(t, Calls) and t != RESIDUAL]
-    for sel in names:
-        compile_selector(sel)  # a bad selector fails here, before any tracing
-    return names, calls_, RESIDUAL in items
-
-
-def _choose(base: nn.Module, sites: _Sites, tracer: _Tracer, module_names: dict[str, nn.Module],
-            calls_: list[Calls], residual: bool) -> dict[str, str]:
-    """``key -> kind`` of the sites the new set adapts; an error for a selector without one."""
-    uncalled = [q for q in module_names if q not in tracer.called]
-    if uncalled:
-        raise ValueError(
-            f"module(s) {uncalled[:5]} are selected but never called in the traced forward "
-            "(a parent reads their weights directly, or they sit inside a leaf module); "
-            "select the module that is called, or a function with calls(...)"
-        )
-    if tracer.unadaptable:
-        q, kind = next(iter(tracer.unadaptable.items()))
-        raise ValueError(
-            f"module '{q}' returns {kind} while traced, which holds no traced tensor; FX mode "
-            "adapts a module that returns a tensor or a tuple/list/dict with one"
-        )
-    chosen = {q: "module" for q in module_names}
-    for sel in calls_:
-        hits = {k: "call" for k, n in sites.calls.items() if sel.matches(n)}
-        if not hits:
-            present = sorted({f"{'.' if n.op == 'call_method' else ''}{_op_name(n)}"
-                              for n in sites.calls.values()})
-            raise ValueError(f"{sel} selects nothing: the traced graph has no such call; "
-                             f"calls present: {', '.join(present[:20])}")
-        chosen |= hits
-    if residual:
-        if not sites.residuals:
-            raise ValueError(
-                f"'residual' selects nothing: the traced {type(base).__name__} has no add(skip, "
-                "branch) where skip flows into branch through a learned weight; select modules "
-                "by name or calls(...) instead"
-            )
-        chosen |= dict.fromkeys(sites.residuals, RESIDUAL)
-    return chosen
-
-
-def _op_name(n: fx.Node) -> str:
-    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-
-
-def _select_modules(base: nn.Module, names: list[object]) -> dict[str, nn.Module]:
-    named = [(n, m) for n, m in candidates(base) if n]
-    chosen: dict[str, nn.Module] = {}
-    for sel in names:
-        chosen |= select_modules(named, [sel])  # raises, naming the closest modules
-    return chosen
-
-
-# -- widths ----------------------------------------------------------------------------------
-
-
-def _widths(base: nn.Module, graph: fx.Graph, sites: _Sites, chosen: dict[str, str],
-            config: AdapterConfig, example_inputs: object) -> dict[str, int]:
-    if config.d_model is not None:
-        return dict.fromkeys(chosen, config.d_model)
-    widths: dict[str, int] = {}
-    for key, kind in chosen.items():
-        if kind == "module":
-            try:
-                widths[key] = infer_d_model(base.get_submodule(key), config, key)
-            except ValueError:
-                pass
-    need = [k for k in chosen if k not in widths]
-    if need and example_inputs is None:
-        raise ValueError(
-            f"cannot infer d_model for graph site(s) {need[:3]}: a traced call has no module to "
-            "read a width from; pass AdapterConfig(d_model=<width of the value there>), or "
-            "example_inputs=(...) to inject so that shapes are propagated through the graph"
-        )
-    if need:
-        shapes = _shapes(base, graph, example_inputs)
-        for key in need:
-            width = shapes.get(sites.output(key))
-            if width is None:
-                raise ValueError(f"graph site '{key}' does not output a tensor with a last "
-                                 "dimension on example_inputs; select a site that does")
-            widths[key] = width
-    return widths
-
-
-class _Probe(nn.Module):
-    """Runs the graph over the base (its tensors swapped for fakes) and notes last dims."""
-
-    def __init__(self, base: nn.Module, graph: fx.Graph) -> None:
-        super().__init__()
-        self.base, self.graph = base, graph
-
-    def forward(self, *args: Any) -> dict[fx.Node, int | None]:
-        widths: dict[fx.Node, int | None] = {}
-
-        class Recorder(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                result = super().run_node(n)
-                if isinstance(result, torch.Tensor):
-                    widths[n] = int(result.shape[-1]) if result.dim() else None
-                return result
-
-        Recorder(self.base, graph=self.graph).run(*args)
-        return widths
-
-
-def _shapes(base: nn.Module, graph: fx.Graph, example_inputs: object) -> dict:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)):
-        raise TypeError("example_inputs must be a tensor or a tuple of forward's positional "
-                        f"inputs, got {type(example_inputs).__name__}")
-    probe = _Probe(base, graph)
-    try:
-        # Fake tensors: no compute, no RNG draw, and a module's in-place state updates
-        # (BatchNorm statistics) land on the fakes, never on the model.
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            state = {k: mode.from_tensor(t) for k, t in (
-                *probe.named_parameters(remove_duplicate=False),
-                *probe.named_buffers(remove_duplicate=False))}
-            args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
-                         for a in example_inputs)
-            return torch.func.functional_call(probe, state, args)
-    except Exception as err:  # noqa: BLE001 - reported with the reason
-        raise ValueError(
-            f"example_inputs do not run through the traced {type(base).__name__} "
-            f"({type(err).__name__}: {err}); pass forward's positional inputs as a tuple"
-        ) from err
 
 
 # -- installing -------------------------------------------------------------------------------
@@ -567,7 +144,7 @@ def _slot_path(key: str, taken: set[str]) -> str:
     return f"{CONTAINER}.{name}"
 
 
-def _install(gm: fx.GraphModule, sites: _Sites, slots: dict[str, GraphSlot]) -> None:
+def _install(gm: fx.GraphModule, sites: Sites, slots: dict[str, GraphSlot]) -> None:
     container = gm._modules.get(CONTAINER)
     if container is None:
         container = nn.Module()
@@ -630,7 +207,7 @@ def _remove_empty_slots(gm: fx.GraphModule) -> None:
 # -- the verbs -------------------------------------------------------------------------------
 
 
-def _state_of(model: nn.Module, concrete_args: object, leaf_modules: object) -> _State:
+def _state_of(model: nn.Module, concrete_args: object, leaf_modules: object) -> TraceState:
     state = getattr(model, STATE, None)
     held = set_names(model if state is None else state.base)  # the base holds no FX slot
     if held:
@@ -654,7 +231,7 @@ def _state_of(model: nn.Module, concrete_args: object, leaf_modules: object) -> 
     leaves = tuple(as_selector_list(leaf_modules)) if leaf_modules else ()
     for sel in leaves:
         compile_selector(sel)
-    return _State(model, concrete_args, leaves)
+    return TraceState(model, concrete_args, leaves)
 
 
 def inject_fx(
@@ -704,7 +281,7 @@ def inject_fx(
     # stay there while the graph is analysed and built, and leave it afterwards, error or not.
     before = set(base.__dict__)
     try:
-        plan = _plan(base, state, prior, targets, config, example_inputs)
+        plan = plan_sites(base, state, prior, targets, config, example_inputs)
         constants = {k: base.__dict__[k] for k in set(base.__dict__) - before}
         gm = _build(model, state, prior, plan, constants, config, name)
     finally:
@@ -715,35 +292,7 @@ def inject_fx(
     return gm
 
 
-@dataclass
-class _Plan:
-    graph: fx.Graph
-    sites: _Sites
-    chosen: dict[str, str]  # key -> kind of the sites the new set adapts
-    widths: dict[str, int]
-
-
-def _plan(base: nn.Module, state: _State, prior: dict[str, AdapterSlot], targets: object,
-          config: AdapterConfig, example_inputs: object) -> _Plan:
-    """Trace, find and check every site: everything that can fail, before any change."""
-    names, calls_, residual = _split_targets(targets)
-    module_names = _select_modules(base, names)
-    wanted = set(module_names) | {k for k, s in prior.items() if s.kind == "module"}
-    graph, tracer = _trace(base, wanted, state, check_mode=not prior)
-    sites = _Sites.find(graph, base, residual or any(s.kind == RESIDUAL for s in prior.values()))
-    chosen = _choose(base, sites, tracer, module_names, calls_, residual)
-    lost = [k for k, s in prior.items() if sites.kind(k) != s.kind]
-    if lost:
-        raise ValueError(f"sites {lost[:3]} of the sets already injected are not in a fresh "
-                         "trace of the base: the base changed since; inject from it anew")
-    clash = [k for k, kind in chosen.items() if sites.kind(k) != kind]
-    if clash:
-        raise ValueError(f"site key(s) {clash[:3]} name two different sites; select one of them")
-    return _Plan(graph, sites, chosen, _widths(base, graph, sites, chosen, config,
-                                               example_inputs))
-
-
-def _build(model: nn.Module, state: _State, prior: dict[str, AdapterSlot], plan: _Plan,
+def _build(model: nn.Module, state: TraceState, prior: dict[str, AdapterSlot], plan: SitePlan,
            constants: dict[str, Any], config: AdapterConfig, name: str) -> fx.GraphModule:
     base = state.base
     slots = dict(prior)
@@ -818,7 +367,7 @@ def eject_fx(model: nn.Module, name: str | None = None) -> nn.Module:
     if adapted_modules(model):
         store_active(model, keep)
         return model
-    state: _State = model.__dict__.pop(STATE)
+    state: TraceState = model.__dict__.pop(STATE)
     model.meta.pop(_PRESERVED, None)  # type: ignore[union-attr]
     base = state.base
     _sync_back(model, base)  # type: ignore[arg-type]
