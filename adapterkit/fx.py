@@ -61,6 +61,7 @@ from .surgery import (
     _factory_kwargs,
     adapted_modules,
     current_active,
+    detach,
     set_names,
     store_active,
 )
@@ -358,14 +359,11 @@ def eject_fx(model: nn.Module, name: str | None = None) -> nn.Module:
     known = set_names(model)
     if name is not None and name not in known:
         raise ValueError(f"no adapter set named {name!r}; injected sets: {known}")
-    drop = set(known) if name is None else {name}
-    keep = [n for n in current_active(model) if n not in drop]
-    for _, _, slot in adapted_modules(model):
-        for set_name in drop & set(slot.keys()):
-            del slot[set_name]
+    for set_name in known if name is None else [name]:
+        # the engine's detach also restores modules that a name-mode set wrapped in the graph
+        detach(model, set_name)
     _remove_empty_slots(model)  # type: ignore[arg-type]
     if adapted_modules(model):
-        store_active(model, keep)
         return model
     state: TraceState = model.__dict__.pop(STATE)
     model.meta.pop(_PRESERVED, None)  # type: ignore[union-attr]

@@ -540,3 +540,14 @@ def test_docs_example_runs():
     code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
     assert "inject(" in code
     exec(compile(code, "docs/fx.md", "exec"), {"__name__": "docs_fx"})  # noqa: S102
+
+
+def test_eject_restores_modules_that_a_name_mode_set_wrapped_in_the_graph():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    gm = adapterkit.inject(model, ["0"], name="fx", method="fx")
+    gm = adapterkit.inject(gm, ["2"], name="named")  # name mode on the GraphModule
+    wrapped = gm.get_submodule("2")
+    assert type(wrapped) is not torch.nn.Linear
+    adapterkit.eject(gm, "named")
+    assert type(wrapped) is torch.nn.Linear and "adapterkit" not in wrapped._modules
+    assert adapterkit.active(gm) == ["fx"]
