@@ -359,9 +359,8 @@ def eject_fx(model: nn.Module, name: str | None = None) -> nn.Module:
     known = set_names(model)
     if name is not None and name not in known:
         raise ValueError(f"no adapter set named {name!r}; injected sets: {known}")
-    for set_name in known if name is None else [name]:
-        # the engine's detach also restores modules that a name-mode set wrapped in the graph
-        detach(model, set_name)
+    # the engine's detach also restores modules that a name-mode set wrapped in the graph
+    detach(model, known if name is None else [name])
     _remove_empty_slots(model)  # type: ignore[arg-type]
     if adapted_modules(model):
         return model

@@ -89,8 +89,7 @@ def eject(model: nn.Module, name: str | None = None) -> nn.Module:
     known = set_names(model)
     if name is not None and name not in known:
         raise ValueError(f"no adapter set named {name!r}; injected sets: {known}")
-    for set_name in known if name is None else [name]:
-        detach(model, set_name)
+    detach(model, known if name is None else [name])
     return model
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from torch import nn
@@ -374,36 +374,41 @@ def attach(
                 module._modules[SLOT] = slot
             slot[name] = new_adapters[qname]
     except BaseException:
-        detach(model, name)  # all or nothing
+        detach(model, [name])  # all or nothing
         raise
     _disable_fast_paths(model, list(chosen))
     _store_active(model, active)
     return list(chosen)
 
 
-def detach(model: nn.Module, name: str) -> None:
-    """Remove set ``name``; a module that holds no adapter any more gets its class back."""
+def detach(model: nn.Module, names: Collection[str]) -> None:
+    """Remove the sets ``names``; a module that holds no adapter any more gets its class back.
+
+    All or nothing: every refusal is checked before the first set is touched.
+    """
+    drop = set(names)
     for qname, module, slot in adapted_modules(model):
         # A module whose class was swapped again after injection (fully_shard's FSDP<Cls>)
         # cannot get its own class back without dropping that wrapper, which also holds the
         # adapters' parameters: refuse before anything changes.
-        if module is not None and name in slot and (
+        hit = sorted(drop & set(slot.keys()))
+        if module is not None and hit and (
             type(module) is not adapted_class(module._adapterkit_base)  # type: ignore[attr-defined]
         ):
             raise ValueError(
-                f"cannot eject set '{name}' from '{qname}': its class was swapped again after "
+                f"cannot eject set '{hit[0]}' from '{qname}': its class was swapped again after "
                 f"injection (to {type(module).__name__}, as fully_shard does), and restoring "
                 "the original class would drop that wrapper. Eject from an unsharded model, "
                 "or run the base with adapterkit.disabled(model)"
             )
     for _, module, slot in adapted_modules(model):
-        if name in slot:
-            del slot[name]
+        for set_name in drop & set(slot.keys()):
+            del slot[set_name]
         if len(slot) == 0 and module is not None:
             del module._modules[SLOT]
             module.__class__ = module._adapterkit_base  # type: ignore[attr-defined]
     _restore_fast_paths(model)
-    _store_active(model, tuple(n for n in current_active(model) if n != name))
+    _store_active(model, tuple(n for n in current_active(model) if n not in drop))
 
 
 def current_active(model: nn.Module) -> list[str]:
