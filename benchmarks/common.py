@@ -97,14 +97,18 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(title: str, body: str) -> None:
-    """Replace (or append) the section ``## title`` of docs/benchmarks.md, leaving the rest."""
+def write_section(title: str, body: str, command: str | None = None) -> None:
+    """Replace (or append) the section ``## title`` of docs/benchmarks.md, leaving the rest.
+
+    The section is stamped with ``command`` (default: the running command line), the date
+    and the machine.
+    """
     text = RESULTS.read_text() if RESULTS.exists() else (
         "# Benchmarks\n\nEvery table below was produced by the command above it; ratios are "
         "medians of per-round ratios measured in one run, with the variants interleaved.\n"
     )
     stamp = datetime.date.today().isoformat()
-    section = (f"## {title}\n\nCommand: `{command_line()}`  \nDate: {stamp}  \n"
+    section = (f"## {title}\n\nCommand: `{command or command_line()}`  \nDate: {stamp}  \n"
                f"Machine: {machine()}\n\n{body.strip()}\n")
     head = f"## {title}\n"
     if head in text:

@@ -543,7 +543,8 @@ def rerender(models: list[str]) -> None:
 
 def write_peers_doc() -> None:
     common.write_section("Peers' environment (benchmarks/peers_env.sh)",
-                         PEERS_DOC + f"\nInstalled now: {versions()}.")
+                         PEERS_DOC + f"\nInstalled now: {versions()}.",
+                         command="bash benchmarks/peers_env.sh")
 
 
 if __name__ == "__main__":
