@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MLP, assert_same, make_gpt, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -20,6 +19,7 @@ import adapterkit
 from adapterkit import AdapterConfig, calls
 from adapterkit.checkpoint import AdapterFileError
 from adapterkit.fx import GraphSlot, UntraceableModelError
+from tests.conftest import MLP, assert_same, make_gpt, snapshot
 
 NORMAL = AdapterConfig(bottleneck=4, init="normal", init_std=0.2, dropout=0.0)
 

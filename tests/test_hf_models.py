@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_gpt
 from torch import nn
 
 import adapterkit
 from adapterkit.presets import preset_for
+from tests.conftest import make_gpt
 
 HF_REASON = "Hugging Face models need the 'hf' extra: pip install -e '.[hf]'"
 # torch's nested-tensor path (the base nn.TransformerEncoder in eval) says it is a prototype

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_gpt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adapterkit
 from adapterkit import AdapterConfig
 from adapterkit.models.gpt import GPT
+from tests.conftest import make_gpt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import param_counts  # noqa: E402

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLP, assert_same, make_gpt, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -16,6 +15,7 @@ from torch import nn
 import adapterkit
 from adapterkit import AdapterConfig
 from adapterkit.presets import preset_for
+from tests.conftest import MLP, assert_same, make_gpt, snapshot
 
 HF_REASON = "Hugging Face models need the 'hf' extra: pip install -e '.[hf]'"
 

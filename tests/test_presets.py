@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MLP, assert_same, make_gpt, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -15,6 +14,7 @@ from adapterkit.models.gpt import GPTBlock
 from adapterkit.presets import auto_targets, compress, preset_for
 from adapterkit.select import select_modules
 from adapterkit.surgery import candidates, is_adapted
+from tests.conftest import MLP, assert_same, make_gpt, snapshot
 
 HF_REASON = "Hugging Face models need the 'hf' extra: pip install -e '.[hf]'"
 
