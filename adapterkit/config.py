@@ -160,6 +160,18 @@ class FreezeSpec:
         return {"train": list(self.train), "freeze": list(self.freeze)}
 
     @classmethod
+    def coerce(cls, spec: FreezeSpec | dict | None) -> FreezeSpec:
+        """A spec given as a ``FreezeSpec``, its dict form, or None (the default spec)."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, dict):
+            return cls.from_dict(spec)
+        if isinstance(spec, cls):
+            return spec
+        raise TypeError(f"a freeze spec is a FreezeSpec, a dict or None, got "
+                        f"{type(spec).__name__}")
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FreezeSpec:
         if not isinstance(data, dict):
             raise ValueError(f"a FreezeSpec must be a dict, got {type(data).__name__}")

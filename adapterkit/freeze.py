@@ -95,13 +95,10 @@ def freeze(
     """
     if spec is not None and (train is not None or freeze):
         raise TypeError("give a spec or train=/freeze=, not both")
-    if isinstance(spec, dict):
-        spec = FreezeSpec.from_dict(spec)
-    elif spec is None:
+    if spec is None:
         spec = FreezeSpec(train=("adapters",) if train is None else tuple(train),
                           freeze=tuple(freeze))
-    elif not isinstance(spec, FreezeSpec):
-        raise TypeError(f"spec must be a FreezeSpec or a dict, got {type(spec).__name__}")
+    spec = FreezeSpec.coerce(spec)
 
     keep: set[int] = set()
     for entry in spec.train:

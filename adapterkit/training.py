@@ -221,7 +221,7 @@ def train_two_phase(
     for name, value in (("warmup_steps", warmup_steps), ("adapt_steps", adapt_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    spec = _as_spec(freeze_spec)
+    spec = FreezeSpec.coerce(freeze_spec)
     for entry in (*spec.train, *spec.freeze):
         select_parameters(model, entry)  # raises now, not after the warm-up
     batch_iter = iter(batches)
@@ -240,13 +240,3 @@ def train_two_phase(
         adapt = _run(model, optimizer, _take(batch_iter, adapt_steps), adapt_steps, loss_fn,
                      None, on_step, warmup_steps)
     return TwoPhaseResult(warm, adapt, report)
-
-
-def _as_spec(spec: FreezeSpec | dict | None) -> FreezeSpec:
-    if spec is None:
-        return FreezeSpec()
-    if isinstance(spec, dict):
-        return FreezeSpec.from_dict(spec)
-    if isinstance(spec, FreezeSpec):
-        return spec
-    raise TypeError(f"freeze_spec must be a FreezeSpec, a dict or None, got {type(spec).__name__}")

@@ -80,3 +80,12 @@ def test_adapter_formula_with_scaling_and_normal_init():
     assert torch.allclose(adapter(h), expected)
     with pytest.raises(ValueError, match="last dimension is d_model=16"):
         adapter(torch.randn(3, 8))
+
+
+def test_freeze_spec_coerce_accepts_the_three_forms_and_refuses_others():
+    spec = FreezeSpec(train=["cls"])
+    assert FreezeSpec.coerce(spec) is spec
+    assert FreezeSpec.coerce({"train": ["cls"]}) == spec
+    assert FreezeSpec.coerce(None) == FreezeSpec(train=["adapters"])
+    with pytest.raises(TypeError, match="a freeze spec is a FreezeSpec, a dict or None, got list"):
+        FreezeSpec.coerce(["cls"])
