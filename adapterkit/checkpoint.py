@@ -328,7 +328,8 @@ def _expected(
         )
     shapes: dict[str, torch.Size] = {}
     for target, module in targets.items():
-        d = existing[target][1].d_model if existing else infer_d_model(module, config, target)
+        d = existing[target][1].d_model if existing else infer_d_model(module, config, target,
+                                                                           model)
         probe = Adapter(d, config, device="meta")
         shapes |= {f"adapters.{target}.{k}": v.shape for k, v in probe.state_dict().items()}
     for mname, module in _saved_includes(model, meta["include"], file).items():

@@ -279,7 +279,7 @@ def _widths(base: nn.Module, graph: fx.Graph, sites: Sites, chosen: dict[str, st
     for key, kind in chosen.items():
         if kind == "module":
             try:
-                widths[key] = infer_d_model(base.get_submodule(key), config, key)
+                widths[key] = infer_d_model(base.get_submodule(key), config, key, base)
             except ValueError:
                 pass
     need = [k for k in chosen if k not in widths]

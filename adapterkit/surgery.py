@@ -177,25 +177,50 @@ def _width(module: nn.Module) -> int | None:
     return None
 
 
-def infer_d_model(module: nn.Module, config: AdapterConfig, name: str) -> int:
+def _in_width(module: nn.Module) -> int | None:
+    """The input width of the first Linear-like submodule (``in_features``, or ``nx``)."""
+    for sub in module.modules():
+        for attr in ("in_features", "nx"):
+            value = getattr(sub, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+_CONFIG_WIDTHS = ("hidden_size", "d_model", "n_embd", "dim")
+
+
+def infer_d_model(module: nn.Module, config: AdapterConfig, name: str,
+                  model: nn.Module | None = None) -> int:
     """The adapter width for ``module``: ``config.d_model``, else read off the module.
 
-    The module's own ``out_features`` / ``embed_dim`` / ``hidden_size`` / ``d_model`` / ``nf`` /
-    ``embedding_dim`` / ``normalized_shape[-1]`` if it has one, else that of its last
-    submodule that has one (the output projection of an attention or FFN block).
+    In order: the module's own ``out_features`` / ``embed_dim`` / ``hidden_size`` /
+    ``d_model`` / ``nf`` / ``embedding_dim`` / ``normalized_shape[-1]``; else, since a target
+    is usually a residual sublayer that gives back the width it takes, the last submodule
+    whose width equals the input width of the first Linear inside (this passes over a
+    mixture of experts' one-output gates); else the last submodule with a width (the output
+    projection of an attention or FFN block); else the hidden size in ``model.config`` (a
+    transformers model whose experts are fused tensors, with no Linear inside).
     """
     if config.d_model is not None:
         return config.d_model
     width = _width(module)
     if width is None:
-        for sub in reversed(list(module.modules())):
-            if not isinstance(sub, (AdapterSlot, Adapter)) and (width := _width(sub)):
-                break
+        widths = [w for sub in reversed(list(module.modules()))
+                  if not isinstance(sub, (AdapterSlot, Adapter)) and (w := _width(sub))]
+        residual = _in_width(module)
+        width = residual if residual in widths else (widths[0] if widths else None)
+    if width is None and model is not None:
+        model_config = getattr(model, "config", None)
+        width = next((v for attr in _CONFIG_WIDTHS
+                      if isinstance(v := getattr(model_config, attr, None), int)
+                      and not isinstance(v, bool) and v > 0), None)
     if width is None:
         raise ValueError(
             f"cannot infer d_model for module '{name}' ({type(module).__name__}): it has no "
             "out_features, embed_dim, hidden_size, d_model or normalized_shape, nor a Linear "
-            "inside; pass AdapterConfig(d_model=<width of its output>)"
+            "inside, nor does the model have a config.hidden_size; pass "
+            "AdapterConfig(d_model=<width of its output>)"
         )
     return width
 
@@ -342,7 +367,7 @@ def resolve(
     for qname in chosen:
         _check_called(model, qname)
         _check_not_wrapped(model, qname)
-    return {qname: (module, infer_d_model(module, config, qname))
+    return {qname: (module, infer_d_model(module, config, qname, model))
             for qname, module in chosen.items()}
 
 

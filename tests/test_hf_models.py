@@ -148,6 +148,13 @@ CASES = [
              num_hidden_layers=LAYERS, num_attention_heads=4, ffn_dim=64, vocab_size=VOCAB,
              word_embed_proj_dim=D, dropout=0.0, attention_dropout=0.0, bos_token_id=0,
              eos_token_id=1, pad_token_id=0),
+    # Mixtures of experts: Mixtral's experts are fused tensors (no Linear inside the block, so
+    # the width comes from the model's config); Qwen2-MoE's block ends with a one-output gate.
+    _hf_case("Mixtral", "MixtralForCausalLM", "MixtralConfig", _text_batch, preset=False,
+             num_local_experts=4, num_experts_per_tok=2, **_DECODER),
+    _hf_case("Qwen2-MoE", "Qwen2MoeForCausalLM", "Qwen2MoeConfig", _text_batch, preset=False,
+             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+             shared_expert_intermediate_size=32, **_DECODER),
 ]
 BY_NAME = {case.name: case for case in CASES}
 ids = [case.name for case in CASES]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -143,6 +144,44 @@ def test_d_model_from_last_linear_inside():
     adapterkit.inject(model, ["0"], AdapterConfig(bottleneck=2))
     assert adapterkit.adapters(model)["0"].d_model == 6
     assert model(torch.randn(3, 4)).shape == (3, 6)
+
+
+class GatedExperts(nn.Module):
+    """A mixture-of-experts block that ends with a one-output gate, as Qwen2-MoE's does."""
+
+    def __init__(self, d: int = 8, fused: bool = False):
+        super().__init__()
+        if fused:  # experts as plain tensors, no Linear inside (Mixtral in transformers 5)
+            self.experts = nn.Parameter(torch.randn(2, d, d) / d)
+        else:
+            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, 16), nn.Linear(16, d))
+                                         for _ in range(2))
+            self.gate = nn.Linear(d, 1)
+
+    def forward(self, x):
+        if isinstance(self.experts, nn.Parameter):
+            return x @ self.experts.sum(0)
+        return sum(e(x) for e in self.experts) * torch.sigmoid(self.gate(x))
+
+
+def test_d_model_of_a_residual_block_passes_over_a_one_output_gate():
+    model = nn.Sequential(GatedExperts())
+    adapterkit.inject(model, [GatedExperts], AdapterConfig(bottleneck=2))
+    # the last Linear is the gate (width 1); the width the block takes in is 8
+    assert adapterkit.adapters(model)["0"].d_model == 8
+    assert model(torch.randn(3, 8)).shape == (3, 8)
+
+
+def test_d_model_from_the_models_config_when_the_block_has_no_linear():
+    class WithConfig(nn.Sequential):
+        config = types.SimpleNamespace(hidden_size=8)
+
+    model = WithConfig(GatedExperts(fused=True))
+    adapterkit.inject(model, [GatedExperts], AdapterConfig(bottleneck=2))
+    assert adapterkit.adapters(model)["0"].d_model == 8
+    assert model(torch.randn(3, 8)).shape == (3, 8)
+    with pytest.raises(ValueError, match=r"cannot infer d_model for module '0'.*config"):
+        adapterkit.inject(nn.Sequential(GatedExperts(fused=True)), [GatedExperts])
 
 
 def test_sequential_target_keeps_running_its_own_layers():

@@ -201,6 +201,8 @@ def _reference_models() -> dict[str, Callable[[], nn.Module]]:
         "GPT-NeoX": hf("GPTNeoXForCausalLM", "GPTNeoXConfig"),
         "DistilBERT": hf("DistilBertModel", "DistilBertConfig"),
         "OPT": hf("OPTForCausalLM", "OPTConfig"),
+        "Mixtral": hf("MixtralForCausalLM", "MixtralConfig"),
+        "Qwen2-MoE": hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig"),
         "ELECTRA": hf("ElectraModel", "ElectraConfig"),
         "Falcon": hf("FalconForCausalLM", "FalconConfig"),
         "BART": hf("BartModel", "BartConfig"),
