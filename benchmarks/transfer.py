@@ -586,6 +586,9 @@ def reading(log: dict[str, Any]) -> str:
         f"adapters + head trains {ours['equal_steps']} steps and reaches "
         f"{100 * statistics.mean(ours['share_equal_time']):.0f}% of full fine-tuning's gain.",
     ]
+    lines.append("- **Other levers** (where the budget goes, schedules, a longer-trained or "
+                 "wider base, less text in B): the next section, from "
+                 "`benchmarks/transfer_levers.py`.")
     return "### Reading\n\n" + "\n".join(lines)
 
 
