@@ -46,6 +46,7 @@ RECIPE = Recipe()  # the demo's: scaled parallel b8 s=4 on the FFN (transfer.py'
 FULL, HEAD, ADAPTED, ONLY, ZERO = ("full fine-tuning", "head only", "adapters + head",
                                    "adapters only", "no adaptation")
 EVERY = 50  # early-stopping evaluations in the data section
+SECTIONS = ("training", "bases", "data")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--cache-dir", help="where pretrained bases are cached (as the CLI)")
     p.add_argument("--write-docs", action="store_true",
                    help=f"replace the section '{SECTION}' of docs/benchmarks.md")
+    p.add_argument("--widths", type=int, nargs="+", default=[2], metavar="F",
+                   help="width factors of the wider bases (default 2: d_model 256)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="run only these sections; the others come from the results file of "
+                   "an earlier run, and the report names the command of each")
     p.add_argument("--render", metavar="JSON", help="redo the tables and docs section from "
                    "the results file of an earlier run, without running anything")
     return p.parse_args()
@@ -249,6 +255,13 @@ def pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+def rerun(log: dict[str, Any]) -> str:
+    """Which sections a later command re-ran, if any."""
+    later = {k: c for k, c in log.get("commands", {}).items() if c != log["command"]}
+    titles = {"training": "Budget and training", "bases": "The base", "data": "The amount of B"}
+    return "".join(f" Section '{titles[k]}' was re-run by `{c}`." for k, c in later.items())
+
+
 def render(log: dict[str, Any]) -> str:
     t = log["training"]
     ref_text = {FULL: f"full fine-tuning, lr 1e-3 ({t['references'][FULL]:.3f})",
@@ -257,7 +270,7 @@ def render(log: dict[str, Any]) -> str:
         f"Settings of `benchmarks/transfer.py`: {log['steps']} adaptation steps, seed 0, the "
         f"recipe scaled parallel b{RECIPE.adapter.bottleneck} s=4 on the FFN at lr 3e-3 unless "
         "a row says other. Share: 1 - (x - reference) / (no adaptation - reference). Wall "
-        f"time {log['seconds'] / 60:.0f} min.",
+        f"time {log['seconds'] / 60:.0f} min." + rerun(log),
         "### Budget and training (the demo's base)",
         f"No adaptation: {t['zero']:.3f} bpc on B.",
         common.table(["run", "trainable", "val bpc B", "forgetting A (bpc)", "reference",
@@ -359,21 +372,35 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     size = wf.SIZES[name]
     main_base = Base(f"d={size.d_model}, {size.pretrain_steps} steps (the demo's)", size)
     longer = replace(size, pretrain_steps=4 * size.pretrain_steps)
-    wider = replace(size, d_model=2 * size.d_model, pretrain_steps=3 * size.pretrain_steps // 2)
-    bases = [main_base,
-             Base(f"d={size.d_model}, {longer.pretrain_steps} steps", longer),
-             Base(f"d={wider.d_model}, {wider.pretrain_steps} steps", wider)]
+    bases = [main_base, Base(f"d={size.d_model}, {longer.pretrain_steps} steps", longer)]
+    for factor in args.widths:
+        wider = replace(size, d_model=factor * size.d_model,
+                        pretrain_steps=3 * size.pretrain_steps // 2)
+        bases.append(Base(f"d={wider.d_model}, {wider.pretrain_steps} steps", wider))
     run = Runner(wf.cache_root(args.cache_dir), steps=60 if args.quick else 600)
-    log: dict[str, Any] = {"command": common.command_line(), "steps": run.steps,
-                           "size_name": name}
+    path = RESULTS / f"transfer_levers{'-quick' if args.quick else ''}.json"
+    command = common.command_line()
+    log: dict[str, Any] = {"command": command, "steps": run.steps, "size_name": name,
+                           "commands": {}}
+    if set(args.sections) != set(SECTIONS):  # the other sections from the earlier run
+        if not path.is_file():
+            raise SystemExit(f"--sections needs the results of a full run in {path}")
+        log = json.loads(path.read_text())
+        log.setdefault("commands", {})
     log["zero_a"] = run(main_base, Lever(ZERO, ZERO))["bpc_a"]
-    log["training"] = training_section(run, main_base)
-    log["bases"] = bases_section(run, bases)
-    log["data"] = data_section(run, main_base, [64 * 1024, 256 * 1024, 1024 * 1024, 1 << 40])
-    log["seconds"] = time.perf_counter() - t0
+    for section in args.sections:
+        log["commands"][section] = command
+        if section == "training":
+            log["training"] = training_section(run, main_base)
+        elif section == "bases":
+            log["bases"] = bases_section(run, bases)
+        else:
+            log["data"] = data_section(run, main_base, [64 * 1024, 256 * 1024, 1024 * 1024,
+                                                        1 << 40])
+    log.setdefault("seconds", 0.0)
+    log["seconds"] += time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
-    (RESULTS / f"transfer_levers{suffix}.json").write_text(json.dumps(log, indent=1) + "\n")
+    path.write_text(json.dumps(log, indent=1) + "\n")
     return log
 
 
