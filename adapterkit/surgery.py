@@ -166,10 +166,14 @@ def set_names(model: nn.Module) -> list[str]:
 _WIDTH_ATTRS = ("out_features", "embed_dim", "hidden_size", "d_model", "nf", "embedding_dim")
 
 
+def _size(value: object) -> int | None:
+    """``value`` if it is a positive int (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _width(module: nn.Module) -> int | None:
     for attr in _WIDTH_ATTRS:
-        value = getattr(module, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if value := _size(getattr(module, attr, None)):
             return value
     shape = getattr(module, "normalized_shape", None)
     if isinstance(shape, tuple) and shape and isinstance(shape[-1], int):
@@ -181,8 +185,7 @@ def _in_width(module: nn.Module) -> int | None:
     """The input width of the first Linear-like submodule (``in_features``, or ``nx``)."""
     for sub in module.modules():
         for attr in ("in_features", "nx"):
-            value = getattr(sub, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if value := _size(getattr(sub, attr, None)):
                 return value
     return None
 
@@ -213,8 +216,7 @@ def infer_d_model(module: nn.Module, config: AdapterConfig, name: str,
     if width is None and model is not None:
         model_config = getattr(model, "config", None)
         width = next((v for attr in _CONFIG_WIDTHS
-                      if isinstance(v := getattr(model_config, attr, None), int)
-                      and not isinstance(v, bool) and v > 0), None)
+                      if (v := _size(getattr(model_config, attr, None)))), None)
     if width is None:
         raise ValueError(
             f"cannot infer d_model for module '{name}' ({type(module).__name__}): it has no "

@@ -31,6 +31,7 @@ from typing import Any
 
 import common  # (sets OMP_WAIT_POLICY before torch is imported)
 import torch
+from transfer import recipe_to_json
 
 import adapterkit
 from adapterkit import workflow as wf
@@ -107,7 +108,7 @@ class Runner:
 
     def __call__(self, base: Base, lever: Lever, b_bytes: int = 0) -> dict[str, Any]:
         """bpc on B (the report half when ``b_bytes``: early stopping) and A, trainable %."""
-        key = json.dumps([base.label, lever.regime, wf_recipe_json(lever.recipe), lever.decay,
+        key = json.dumps([base.label, lever.regime, recipe_to_json(lever.recipe), lever.decay,
                           b_bytes])
         if key not in self.done:
             t0 = time.perf_counter()
@@ -150,16 +151,11 @@ class Runner:
                 "bpc_a": bits(evaluate(model, data.val_a))}
 
 
-def wf_recipe_json(recipe: Recipe) -> str:
-    return json.dumps({**asdict(recipe), "adapter": recipe.adapter.to_dict()}, sort_keys=True)
-
-
 def fit_bottleneck(base: Base, regime: str, recipe: Recipe) -> int:
     """The largest bottleneck (a multiple of 4) that keeps ``regime`` within the budget."""
-    best = 4
+    best, state = 4, base.size.model(0).state_dict()  # any weights: only counts matter
     for b in range(4, 4 * base.size.d_model + 1, 4):
-        model = wf.build(BY_NAME[regime], recipe.with_adapter(bottleneck=b), base.size,
-                         base.size.model(0).state_dict(), 0)
+        model = wf.build(BY_NAME[regime], recipe.with_adapter(bottleneck=b), base.size, state, 0)
         s = adapterkit.summary(model)
         if 100 * s.trainable / s.total > BUDGET:
             break
