@@ -19,11 +19,19 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 class Adapter(nn.Module):
     """``h -> h + scaling * dropout(up(act(down(h))))``, with ``up`` zero at init.
 
+    ``down`` and ``up`` mix the features on axis ``feature_dim`` of ``h`` and act per position
+    along every other axis: the last axis of a transformer's hidden state, the channel axis
+    (``feature_dim=1``) of a conv output, where they are the 1x1 bottleneck of residual
+    adapters for CNNs (Rebuffi et al. 2017).
+
     Example:
         >>> adapter = Adapter(32, AdapterConfig(bottleneck=8))
         >>> h = torch.randn(2, 5, 32)
         >>> bool(torch.equal(adapter.eval()(h), h))  # zero init: the exact identity
         True
+        >>> conv_adapter = Adapter(16, AdapterConfig(bottleneck=4), feature_dim=1)
+        >>> conv_adapter(torch.randn(2, 16, 7, 5)).shape  # (N, C, H, W): C is mixed
+        torch.Size([2, 16, 7, 5])
     """
 
     def __init__(
@@ -31,6 +39,7 @@ class Adapter(nn.Module):
         d_model: int,
         config: AdapterConfig | None = None,
         *,
+        feature_dim: int = -1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -38,6 +47,7 @@ class Adapter(nn.Module):
         config = config or AdapterConfig()
         self.config = config
         self.d_model = d_model
+        self.feature_dim = feature_dim
         bottleneck = config.bottleneck_for(d_model)
         self.down = nn.Linear(d_model, bottleneck, device=device, dtype=dtype)
         self.act = _ACTIVATIONS[config.activation]()
@@ -57,18 +67,27 @@ class Adapter(nn.Module):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution alone: ``scaling * dropout(up(act(down(x))))``."""
-        if not isinstance(x, torch.fx.Proxy) and x.shape[-1] != self.d_model:
+        dim = self.feature_dim
+        if not isinstance(x, torch.fx.Proxy) and not (
+            -x.dim() <= dim < x.dim() and x.shape[dim] == self.d_model
+        ):
             raise ValueError(
-                f"adapter expects inputs whose last dimension is d_model={self.d_model}, "
-                f"got shape {tuple(x.shape)}; pass AdapterConfig(d_model=...) matching the "
-                "wrapped module's output"
+                f"adapter expects inputs of size d_model={self.d_model} on axis {dim}, got "
+                f"shape {tuple(x.shape)}; pass AdapterConfig(d_model=..., feature_dim=...) "
+                "matching the wrapped module's output"
             )
+        last = dim == -1 or (not isinstance(x, torch.fx.Proxy) and dim == x.dim() - 1)
+        if not last:
+            x = x.movedim(dim, -1)
         y = self.dropout(self.up(self.act(self.down(x))))
-        return y if self.scaling == 1.0 else y * self.scaling
+        if self.scaling != 1.0:
+            y = y * self.scaling
+        return y if last else y.movedim(-1, dim)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.branch(h)
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"placement={c.placement}, scaling={c.scaling}"
+        axis = "" if self.feature_dim == -1 else f", feature_dim={self.feature_dim}"
+        return f"placement={c.placement}, scaling={c.scaling}{axis}"

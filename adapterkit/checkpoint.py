@@ -21,22 +21,23 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import AdapterConfig, FreezeSpec
+from .layout import Layout, infer_layout
 from .select import closest_names, select_modules
 from .surgery import (
     adapted_modules,
     attach,
     candidates,
-    infer_d_model,
     is_distributed_wrapper,
     original_class,
     set_names,
 )
 
 FORMAT = "adapterkit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added "layouts"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _FIELDS = {"format", "format_version", "name", "config", "targets", "include", "freeze", "base"}
+_OPTIONAL = {"layouts"}  # absent from version 1 files: the layouts are inferred again
 
 
 class AdapterFileError(ValueError):
@@ -137,6 +138,9 @@ def save_adapters(
         "name": name,
         "config": first_adapter.config.to_dict(),
         "targets": list(found),
+        # each adapter's width and feature axis: found by inject, maybe on example_inputs
+        "layouts": {key: {"d_model": a.d_model, "feature_dim": a.feature_dim}
+                    for key, (_, a) in found.items()},
         "include": list(included),
         "freeze": spec.to_dict() if spec is not None else None,
         "base": {
@@ -228,7 +232,7 @@ def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{file} has format_version {version!r}; this adapterkit reads versions up to "
             f"{FORMAT_VERSION}: upgrade adapterkit to load it"
         )
-    unknown = sorted(set(meta) - _FIELDS)
+    unknown = sorted(set(meta) - _FIELDS - _OPTIONAL)
     missing = sorted(_FIELDS - set(meta))
     if unknown or missing:
         raise AdapterFileError(
@@ -243,7 +247,26 @@ def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not (isinstance(meta["targets"], list) and meta["targets"]
             and all(isinstance(t, str) for t in meta["targets"])):
         raise AdapterFileError(f"{file}: 'targets' must be a non-empty list of module names")
+    meta["layouts"] = _read_layouts(meta.get("layouts"), meta["targets"], file)
     return meta
+
+
+def _read_layouts(raw: object, targets: list[str], file: Path) -> dict[str, Layout] | None:
+    if raw is None:
+        return None
+
+    def valid(entry: object) -> bool:
+        return (isinstance(entry, dict) and set(entry) == {"d_model", "feature_dim"}
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in entry.values())
+                and entry["d_model"] > 0)
+
+    if not isinstance(raw, dict) or set(raw) != set(targets) or not all(
+            valid(v) for v in raw.values()):
+        raise AdapterFileError(
+            f"{file}: 'layouts' must map every target to {{\"d_model\": int > 0, "
+            "\"feature_dim\": int}}"
+        )
+    return {t: Layout(v["d_model"], v["feature_dim"]) for t, v in raw.items()}
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -316,21 +339,29 @@ def _check_base(model: nn.Module, meta: dict, file: Path) -> dict[str, nn.Module
     return targets
 
 
-def _expected(
-    model: nn.Module, meta: dict, name: str, targets: dict[str, nn.Module], file: Path
-) -> dict[str, torch.Size]:
-    config: AdapterConfig = meta["config"]
+def _layouts(model: nn.Module, meta: dict, name: str, targets: dict[str, nn.Module],
+             file: Path) -> dict[str, Layout]:
+    """Each target's adapter layout: the injected set's, else the file's, else inferred."""
     existing = _set_slots(model, name)
     if existing and set(existing) != set(targets):
         raise AdapterFileError(
             f"set '{name}' is already injected on {sorted(existing)}, but the file adapts "
             f"{sorted(targets)}; load under another name=..."
         )
+    if existing:
+        return {t: Layout(a.d_model, a.feature_dim) for t, (_, a) in existing.items()}
+    if meta["layouts"] is not None:
+        return meta["layouts"]
+    return {t: infer_layout(m, meta["config"], t, model) for t, m in targets.items()}
+
+
+def _expected(
+    model: nn.Module, meta: dict, layouts: dict[str, Layout], file: Path
+) -> dict[str, torch.Size]:
+    config: AdapterConfig = meta["config"]
     shapes: dict[str, torch.Size] = {}
-    for target, module in targets.items():
-        d = existing[target][1].d_model if existing else infer_d_model(module, config, target,
-                                                                           model)
-        probe = Adapter(d, config, device="meta")
+    for target, layout in layouts.items():
+        probe = Adapter(layout.d_model, config, device="meta")
         shapes |= {f"adapters.{target}.{k}": v.shape for k, v in probe.state_dict().items()}
     for mname, module in _saved_includes(model, meta["include"], file).items():
         shapes |= {f"modules.{mname}.{k}": v.shape for k, v in module.state_dict().items()}
@@ -370,7 +401,8 @@ def load_adapters(
     _check_graph(model, meta, name, path / CONFIG_FILE)
     _check_unsharded(model, path)
     targets = _check_base(model, meta, path / CONFIG_FILE)
-    expected = _expected(model, meta, name, targets, path / CONFIG_FILE)
+    layouts = _layouts(model, meta, name, targets, path / CONFIG_FILE)
+    expected = _expected(model, meta, layouts, path / CONFIG_FILE)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k])
@@ -384,7 +416,8 @@ def load_adapters(
             + ". Load it into the model and config it was saved from"
         )
     if not _set_slots(model, name):
-        attach(model, lambda qname, _m: qname in targets, meta["config"], name)
+        attach(model, lambda qname, _m: qname in targets, meta["config"], name,
+               layouts=layouts)
     with torch.no_grad():
         for target, (_, adapter) in _set_slots(model, name).items():
             for k, t in adapter.state_dict().items():

@@ -14,6 +14,8 @@ from typing import Any, Literal, get_args
 Activation = Literal["gelu", "relu", "silu", "tanh", "identity"]
 Placement = Literal["sequential", "parallel"]
 Init = Literal["zeros", "normal"]
+Key = int | str
+OutputKey = Key | tuple[Key, ...]
 
 DEFAULT_BOTTLENECK = 64  # the seed's choice
 
@@ -62,11 +64,16 @@ class AdapterConfig:
     # "normal": up-projection drawn from N(0, init_std), near the identity.
     init: Init = "zeros"
     init_std: float = 1e-3
-    # Width of the wrapped module's output. None: inferred from the module (see surgery.py).
+    # Width of the wrapped module's output. None: inferred (see layout.py).
     d_model: int | None = None
-    # Where the hidden state sits in a structured output (tuple index or dict/attribute key).
-    # None: the first tensor found.
-    output_key: int | str | None = None
+    # The axis of the output that carries the features, which the adapter mixes (per
+    # position along every other axis). None: inferred: the channel axis of a conv or norm
+    # output (dim 1 of NCHW), else the last axis (see layout.py).
+    feature_dim: int | None = None
+    # Where the hidden state sits in a structured output: a tuple index, a dict key or a
+    # namedtuple / dataclass field, or a path of those into nested outputs ((1, 0) is an
+    # LSTM's h_n). None: the first tensor found.
+    output_key: OutputKey | None = None
 
     def __post_init__(self) -> None:
         if self.bottleneck is not None and self.reduction_factor is not None:
@@ -98,10 +105,18 @@ class AdapterConfig:
             _check_number("d_model", self.d_model, integer=True)
             if self.d_model < 1:
                 raise ValueError(f"AdapterConfig.d_model must be >= 1, got {self.d_model}")
+        if self.feature_dim is not None:
+            _check_number("feature_dim", self.feature_dim, integer=True)
         key = self.output_key
-        if key is not None and (isinstance(key, bool) or not isinstance(key, (int, str))):
+        if isinstance(key, list):  # a path read back from JSON
+            key = tuple(key)
+            object.__setattr__(self, "output_key", key)
+        path = key if isinstance(key, tuple) else (key,)
+        if key is not None and (not path or not all(
+                isinstance(k, (int, str)) and not isinstance(k, bool) for k in path)):
             raise ValueError(
-                f"AdapterConfig.output_key must be an int, a str or None, got {key!r}"
+                "AdapterConfig.output_key must be an int, a str, a non-empty tuple of those "
+                f"(a path into nested outputs) or None, got {key!r}"
             )
 
     def bottleneck_for(self, d_model: int) -> int:

@@ -55,7 +55,7 @@ from .config import AdapterConfig
 from .fx_sites import RESIDUAL, Calls, SitePlan, Sites, calls, plan_sites
 from .fx_trace import TraceState, UntraceableModelError
 from .select import as_selector_list, compile_selector
-from .slot import AdapterSlot
+from .slot import AdapterSlot, RNNState
 from .surgery import (
     _check_set_name,
     _factory_kwargs,
@@ -85,8 +85,8 @@ class GraphSlot(AdapterSlot):
     site, the call's first tensor argument at a call site, the skip value at a residual site.
     """
 
-    def __init__(self, target_name: str, kind: str) -> None:
-        super().__init__(target_name)
+    def __init__(self, target_name: str, kind: str, rnn: RNNState | None = None) -> None:
+        super().__init__(target_name, rnn)
         self.kind = kind  # "module", "call" or "residual": how a re-trace finds the site again
 
     def forward(self, output: Any, x: torch.Tensor | None = None) -> Any:
@@ -298,10 +298,11 @@ def _build(model: nn.Module, state: TraceState, prior: dict[str, AdapterSlot], p
     base = state.base
     slots = dict(prior)
     for key, kind in plan.chosen.items():
-        slot = slots.setdefault(key, GraphSlot(key, kind))
         owner = base.get_submodule(key) if kind == "module" else base
-        slot[name] = Adapter(plan.widths[key], config, **_factory_kwargs(owner, base)).train(
-            base.training)
+        slot = slots.setdefault(key, GraphSlot(key, kind, RNNState.of(owner)))
+        layout = plan.widths[key]
+        slot[name] = Adapter(layout.d_model, config, feature_dim=layout.feature_dim,
+                             **_factory_kwargs(owner, base)).train(base.training)
     if prior:
         gm: fx.GraphModule = model  # type: ignore[assignment]
         gm.graph = plan.graph

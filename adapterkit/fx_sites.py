@@ -22,9 +22,10 @@ from torch import fx, nn
 
 from .config import AdapterConfig
 from .fx_trace import SiteTracer, TraceState, last_dims, module_output, trace
+from .layout import LAST, Layout, infer_layout
 from .select import as_selector_list, compile_selector, select_modules
 from .slot import AdapterSlot
-from .surgery import candidates, infer_d_model
+from .surgery import candidates
 
 RESIDUAL = "residual"
 _ADDS = (operator.add, torch.add)
@@ -270,20 +271,21 @@ def _op_name(n: fx.Node) -> str:
 
 
 def _widths(base: nn.Module, graph: fx.Graph, sites: Sites, chosen: dict[str, str],
-           config: AdapterConfig, example_inputs: object) -> dict[str, int]:
-    """The adapter width of each chosen site: ``config.d_model``, else the module's width,
-    else the last dimension its value has on ``example_inputs``."""
-    if config.d_model is not None:
-        return dict.fromkeys(chosen, config.d_model)
-    widths: dict[str, int] = {}
+            config: AdapterConfig, example_inputs: object) -> dict[str, Layout]:
+    """The adapter layout of each chosen site: ``config``'s, else the module's, else the last
+    dimension its value has on ``example_inputs``."""
+    axis = LAST if config.feature_dim is None else config.feature_dim
+    if config.d_model is not None and (config.feature_dim is not None or not any(
+            kind == "module" for kind in chosen.values())):
+        return dict.fromkeys(chosen, Layout(config.d_model, axis))
+    layouts: dict[str, Layout] = {}
     for key, kind in chosen.items():
         if kind == "module":
-            try:
-                widths[key] = infer_d_model(base.get_submodule(key), config, key, base)
-            except ValueError:
-                pass
-    need = [k for k in chosen if k not in widths]
-    if need and example_inputs is None:
+            layouts[key] = infer_layout(base.get_submodule(key), config, key, base)
+        elif config.d_model is not None:
+            layouts[key] = Layout(config.d_model, axis)
+    need = [k for k in chosen if k not in layouts]
+    if need and (example_inputs is None or axis != LAST):
         raise ValueError(
             f"cannot infer d_model for graph site(s) {need[:3]}: a traced call has no module to "
             "read a width from; pass AdapterConfig(d_model=<width of the value there>), or "
@@ -296,8 +298,8 @@ def _widths(base: nn.Module, graph: fx.Graph, sites: Sites, chosen: dict[str, st
             if width is None:
                 raise ValueError(f"graph site '{key}' does not output a tensor with a last "
                                  "dimension on example_inputs; select a site that does")
-            widths[key] = width
-    return widths
+            layouts[key] = Layout(width)
+    return layouts
 
 
 # -- the plan --------------------------------------------------------------------------------
@@ -310,7 +312,7 @@ class SitePlan:
     graph: fx.Graph
     sites: Sites
     chosen: dict[str, str]  # key -> kind of the sites the new set adapts
-    widths: dict[str, int]
+    widths: dict[str, Layout]
 
 
 def plan_sites(base: nn.Module, state: TraceState, prior: dict[str, AdapterSlot],

@@ -21,6 +21,7 @@ def inject(
     *,
     name: str = "default",
     method: Literal["modules", "fx"] = "modules",
+    example_inputs: object = None,
     **fx_options: object,
 ) -> nn.Module:
     """Wrap every module that ``targets`` selects with an adapter of set ``name``.
@@ -28,6 +29,12 @@ def inject(
     In place: returns ``model`` itself (with ``method="fx"``, a new ``torch.fx.GraphModule``
     sharing the base's parameters; see ``docs/fx.md``). The new set is active at once,
     after the sets already active. On any error the model is left as it was.
+
+    ``example_inputs``: inputs for one run of the model (a tensor: ``model(x)``; a tuple:
+    ``model(*x)``; a dict: ``model(**x)``), on fake tensors, that records what every target
+    really returns: each adapter's width then comes from the real output, and anything a
+    first forward would hit (no tensor where ``output_key`` points, a width or axis that
+    does not fit, a target that is never called) is an error here instead.
 
     Example:
         >>> import torch, adapterkit
@@ -46,12 +53,13 @@ def inject(
     if method == "fx":
         from .fx import inject_fx
 
-        return inject_fx(model, targets, config, name=name, **fx_options)
+        return inject_fx(model, targets, config, name=name, example_inputs=example_inputs,
+                         **fx_options)
     if method != "modules":
         raise ValueError(f"method must be 'modules' or 'fx', got {method!r}")
     if fx_options:
         raise TypeError(f"options {sorted(fx_options)} apply only to method='fx'")
-    attach(model, expand_presets(model, targets), config, name)
+    attach(model, expand_presets(model, targets), config, name, example_inputs=example_inputs)
     return model
 
 

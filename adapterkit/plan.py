@@ -1,10 +1,11 @@
-"""A dry run of ``inject``: the modules it would wrap, their width, output kind and adapter cost.
+"""A dry run of ``inject``: the modules it would wrap, their layout, output kind and cost.
 
 ``plan`` runs every check that ``inject`` runs (selection, nesting, never-called children,
-``d_model`` inference) and changes nothing. The output kind of each module is read, without
-running the model, from its class's ``forward`` return annotation (``-> torch.Tensor``,
-``-> tuple[...]``). Where there is none, the kind is ``unknown``; pass ``example=`` inputs to
-learn it from one forward pass (see ``plan``).
+width and feature-axis inference, and with ``example_inputs`` every check on the real
+outputs) and changes nothing. The output kind of each module is read, without running the
+model, from its class's ``forward`` return annotation (``-> torch.Tensor``,
+``-> tuple[...]``). Where there is none, the kind is ``unknown``; pass ``example_inputs=`` to
+learn it from one run on fake tensors (see ``plan``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from torch import nn
 from .adapter import Adapter
 from .config import AdapterConfig
 from .lifecycle import expand_presets
+from .outputs import as_path, find_hidden
 from .report import format_table
 from .select import Targets
-from .slot import find_hidden
 from .surgery import original_class, resolve
 
 
@@ -33,6 +34,7 @@ class PlanRow:
     module: str  # qualified name
     module_class: str
     d_model: int
+    feature_dim: int  # the axis of the output the adapter mixes: -1 last, else channels
     output: str  # "tensor", "tuple", "dict", a class name, or "unknown"
     adapts: str  # which part of the output the adapter changes
     params: int  # parameters of the adapter it would get
@@ -60,9 +62,9 @@ class Plan:
 
     def __str__(self) -> str:
         table = format_table(
-            ["module", "class", "d_model", "output", "adapts", "params", "kind from"],
-            [(r.module, r.module_class, r.d_model, r.output, r.adapts, f"{r.params:,}",
-              r.found_by) for r in self.rows],
+            ["module", "class", "d_model", "axis", "output", "adapts", "params", "kind from"],
+            [(r.module, r.module_class, r.d_model, r.feature_dim, r.output, r.adapts,
+              f"{r.params:,}", r.found_by) for r in self.rows],
         )
         return f"{table}\n{len(self.rows)} adapters, {self.params:,} parameters"
 
@@ -72,15 +74,16 @@ def plan(
     targets: Targets,
     config: AdapterConfig | None = None,
     *,
-    example: Any = None,
+    example_inputs: Any = None,
 ) -> Plan:
-    """Dry-run ``inject``: the modules it would wrap, each with ``d_model``, output kind and
-    adapter parameter count. The model is not changed; errors are those ``inject`` raises.
+    """Dry-run ``inject``: the modules it would wrap, each with ``d_model``, feature axis,
+    output kind and adapter parameter count. The model is not changed; errors are those
+    ``inject`` raises.
 
-    ``example``: inputs for one forward pass that learns the output kind of every selected
-    module (a tensor: ``model(example)``; a tuple: ``model(*example)``; a dict:
-    ``model(**example)``). That pass runs in eval mode under ``torch.no_grad()`` with the
-    random state saved and restored, and puts every module's ``training`` flag back after.
+    ``example_inputs``: as for ``inject``, inputs for one run on fake tensors that records
+    every selected module's real output (a tensor: ``model(x)``; a tuple: ``model(*x)``; a
+    dict: ``model(**x)``): widths come from it, mismatches are errors, and the output kind is
+    the one seen.
 
     Example:
         >>> import adapterkit
@@ -90,23 +93,24 @@ def plan(
         >>> p = adapterkit.plan(model, "auto", adapterkit.AdapterConfig(bottleneck=8))
         >>> p.modules[:2], p.params
         (['decoder_blocks.0.mha_block', 'decoder_blocks.0.ffn_block'], 2208)
-        >>> p.rows[0].d_model, p.rows[0].output, p.rows[0].params
-        (32, 'tensor', 552)
+        >>> p.rows[0].d_model, p.rows[0].feature_dim, p.rows[0].output, p.rows[0].params
+        (32, -1, 'tensor', 552)
         >>> str(p).splitlines()[-1]
         '4 adapters, 2,208 parameters'
         >>> adapterkit.adapters(model)  # nothing was injected
         {}
     """
     config = AdapterConfig() if config is None else config
-    resolved = resolve(model, expand_presets(model, targets), config)
-    chosen = {qname: module for qname, (module, _) in resolved.items()}
-    widths = {qname: width for qname, (_, width) in resolved.items()}
-    seen = _run(model, chosen, example, config) if example is not None else {}
+    resolved = resolve(model, expand_presets(model, targets), config,
+                       example_inputs=example_inputs)
     rows = []
-    for qname, module in chosen.items():
-        output, adapts, found_by = seen.get(qname) or _static_kind(module, config)
-        rows.append(PlanRow(qname, original_class(module).__name__, widths[qname], output,
-                            adapts, _adapter_params(widths[qname], config), found_by))
+    for qname, (module, layout, calls) in resolved.items():
+        output, adapts, found_by = (
+            (*_describe(qname, calls[0].output, config), "run") if calls
+            else _static_kind(module, config))
+        rows.append(PlanRow(qname, original_class(module).__name__, layout.d_model,
+                            layout.feature_dim, output, adapts,
+                            _adapter_params(layout.d_model, config), found_by))
     listed = tuple(targets) if isinstance(targets, (list, tuple)) else (targets,)
     return Plan(listed, config, tuple(rows))
 
@@ -134,7 +138,8 @@ def _static_kind(module: nn.Module, config: AdapterConfig) -> tuple[str, str, st
     text = _annotation_text(original_class(module))
     if text is None and isinstance(module, nn.Sequential) and len(module) > 0:
         return _static_kind(module[-1], config)  # a Sequential returns its last layer's output
-    adapts = "first tensor" if config.output_key is None else f"[{config.output_key!r}]"
+    path = as_path(config.output_key)
+    adapts = "first tensor" if path is None else "".join(f"[{k!r}]" for k in path)
     if text is None or _is_union(text):
         return "unknown", adapts, "-"
     text = text.strip()
@@ -155,42 +160,12 @@ def _is_union(text: str) -> bool:
     return False
 
 
-# -- output kind by running once -----------------------------------------------------------------
-
-
-def _run(
-    model: nn.Module, chosen: dict[str, nn.Module], example: Any, config: AdapterConfig
-) -> dict[str, tuple[str, str, str]]:
-    seen: dict[str, tuple[str, str, str]] = {}
-
-    def record(qname: str):
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            if qname not in seen:
-                seen[qname] = (*_describe(qname, output, config), "run")
-        return hook
-
-    modes = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_hook(record(q)) for q, m in chosen.items()]
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            model.eval()
-            if isinstance(example, dict):
-                model(**example)
-            elif isinstance(example, tuple):
-                model(*example)
-            else:
-                model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
-    return seen
+# -- output kind seen on example inputs ----------------------------------------------------------
 
 
 def _describe(qname: str, output: Any, config: AdapterConfig) -> tuple[str, str]:
     if isinstance(output, torch.Tensor):
         return "tensor", "whole output"
     kind = type(output).__name__
-    key = find_hidden(output, config.output_key, qname)
-    return kind, "nothing (no tensor)" if key is None else f"[{key!r}]"
+    path = find_hidden(output, config.output_key, qname)
+    return kind, "nothing (no tensor)" if path is None else "".join(f"[{k!r}]" for k in path)

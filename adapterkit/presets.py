@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,6 +55,8 @@ class Preset:
     blocks: tuple[str, ...]
     attention: tuple[str, ...] = ()
     ffn: tuple[str, ...] = ()
+    # False for blocks of the class that "auto" leaves alone (cross-attention)
+    applies: Callable[[nn.Module], bool] | None = None
 
     def paths(self, role: Role) -> tuple[str, ...]:
         return self.attention if role == "attention" else self.ffn
@@ -83,6 +85,19 @@ PRESETS: tuple[Preset, ...] = (
     Preset("T5", (f"{_HF}.t5.modeling_t5.T5LayerFF",), (), ("DenseReluDense",)),
     # transformers 5 ViT: attention + mlp; transformers 4: ViTOutput adds the residual.
     Preset("ViT", (f"{_HF}.vit.modeling_vit.ViTLayer",), ("attention",), ("mlp", "output.dense")),
+    # CNNs: a residual block's branch plays the feed-forward's part. ResNet's `layer` is the
+    # Sequential of convs before `+ shortcut`; ConvNeXt's branch ends with `pwconv2`, a Linear
+    # on channels-last features, before the layer scale, the permute back and the add.
+    Preset("ResNet", (f"{_HF}.resnet.modeling_resnet.ResNetBasicLayer",
+                      f"{_HF}.resnet.modeling_resnet.ResNetBottleNeckLayer"), (), ("layer",)),
+    Preset("ConvNeXt", (f"{_HF}.convnext.modeling_convnext.ConvNextLayer",
+                        f"{_HF}.convnextv2.modeling_convnextv2.ConvNextV2Layer"), (), ("pwconv2",)),
+    # diffusers: ResnetBlock2D computes conv2(...) then (shortcut(x) + h) / scale; Attention's
+    # processor runs to_out[0] (a Linear over (B, H*W, C)), to_out[1] (dropout), then the
+    # residual add. Cross-attention is left alone, as everywhere.
+    Preset("diffusers ResnetBlock2D", ("diffusers.models.resnet.ResnetBlock2D",), (), ("conv2",)),
+    Preset("diffusers Attention", ("diffusers.models.attention_processor.Attention",),
+           ("to_out.0",), (), applies=lambda m: not getattr(m, "is_cross_attention", False)),
 )
 
 
@@ -98,7 +113,7 @@ def preset_for(module: nn.Module) -> Preset | None:
         key = f"{cls.__module__}.{cls.__qualname__}"
         for preset in PRESETS:
             if key in preset.blocks:
-                return preset
+                return preset if preset.applies is None or preset.applies(module) else None
     return None
 
 
@@ -143,11 +158,13 @@ def _join(prefix: str, path: str) -> str:
 
 def _from_presets(named: list[tuple[str, nn.Module]], roles: Sequence[Role]) -> list[str]:
     modules = dict(named)
-    found = []
+    found: list[str] = []
+    blocks: list[str] = []
     for name, module in named:
         preset = preset_for(module)
-        if preset is None:
-            continue
+        if preset is None or any(_within(name, b) for b in blocks):
+            continue  # not a preset block, or inside one: the outer block's preset decides
+        blocks.append(name)
         for role in roles:
             paths = preset.paths(role)
             hit = next((p for p in paths if _join(name, p) in modules), None)

@@ -7,28 +7,44 @@ one adapter per set. Its parameters therefore appear as
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .adapter import Adapter
 from .config import FreezeSpec
+from .outputs import TENSOR_LIKE, find_hidden, first_tensor, get_path, replace_path
 
 SLOT = "adapterkit"
-# What counts as a hidden state: a tensor, or torch.fx's stand-in for one while tracing (so
-# that a traced model keeps its adapters rather than passing the output through).
-TENSOR_LIKE = (torch.Tensor, torch.fx.Proxy)
+
+
+@dataclass(frozen=True)
+class RNNState:
+    """How a wrapped ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` lays out its final state ``h_n``,
+    so that the last layer's entries follow the adapted output sequence."""
+
+    batch_first: bool
+    directions: int
+    lstm: bool  # the state is (h_n, c_n)
+
+    @classmethod
+    def of(cls, module: nn.Module) -> RNNState | None:
+        if not isinstance(module, nn.RNNBase):
+            return None
+        return cls(module.batch_first, 2 if module.bidirectional else 1,
+                   isinstance(module, nn.LSTM))
 
 
 class AdapterSlot(nn.ModuleDict):
     """The adapters of one wrapped module, keyed by set name, and the order they run in."""
 
-    def __init__(self, target_name: str) -> None:
+    def __init__(self, target_name: str, rnn: RNNState | None = None) -> None:
         super().__init__()
         self.target_name = target_name  # for error messages only
+        self.rnn = rnn
         # The model-wide list of active sets; every slot holds the same tuple and applies
         # those of its own adapters that it names, in that order.
         self.active: tuple[str, ...] = ()
@@ -44,20 +60,25 @@ class AdapterSlot(nn.ModuleDict):
     def _apply_one(
         self, name: str, adapter: Adapter, output: Any, args: tuple, kwargs: dict
     ) -> Any:
-        if isinstance(output, TENSOR_LIKE):
-            return self._adapt(name, adapter, output, args, kwargs)
-        key = find_hidden(output, adapter.config.output_key, self.target_name)
-        if key is None:
-            return output  # nothing tensor-like to adapt: pass through untouched
-        hidden = get_item(output, key)
-        return replace_item(output, key, self._adapt(name, adapter, hidden, args, kwargs))
+        if self.rnn is not None and not isinstance(output, TENSOR_LIKE):
+            return self._apply_rnn(name, adapter, output, args, kwargs)
+        path = find_hidden(output, adapter.config.output_key, self.target_name)
+        if path is None:
+            raise ValueError(
+                f"module '{self.target_name}' returned {type(output).__name__} with no tensor "
+                f"in it, so the adapter of set '{name}' would do nothing; target a module that "
+                "returns its hidden state"
+            )
+        hidden = get_path(output, path)
+        return replace_path(output, path, hidden + self._delta(name, adapter, hidden, args,
+                                                               kwargs))
 
-    def _adapt(
-        self, name: str, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict
-    ) -> torch.Tensor:
+    def _delta(self, name: str, adapter: Adapter, hidden: torch.Tensor, args: tuple,
+               kwargs: dict) -> torch.Tensor:
+        """What the adapter adds to ``hidden``: its branch, of the output or of the input."""
         self._check(name, adapter, hidden, "output")
         if adapter.config.placement == "sequential":
-            return adapter(hidden)
+            return adapter.branch(hidden)
         x = first_tensor(args, kwargs)
         if x is None:
             raise ValueError(
@@ -65,78 +86,58 @@ class AdapterSlot(nn.ModuleDict):
                 f"parallel adapter of set '{name}' has no input; use placement='sequential'"
             )
         self._check(name, adapter, x, "input")
-        return hidden + adapter.branch(x)
+        return adapter.branch(x)
+
+    def _apply_rnn(self, name: str, adapter: Adapter, output: Any, args: tuple,
+                   kwargs: dict) -> Any:
+        """Adapt an RNN's output sequence, and add the same change to the last layer's final
+        state, which is that sequence's last step (the backward direction's first)."""
+        seq, state = output
+        data = seq.data if isinstance(seq, PackedSequence) else seq
+        delta = self._delta(name, adapter, data, args, kwargs)
+        if isinstance(seq, PackedSequence):
+            new_seq = PackedSequence(data + delta, seq.batch_sizes, seq.sorted_indices,
+                                     seq.unsorted_indices)
+        else:
+            new_seq = data + delta
+        h_n = state[0] if self.rnn.lstm else state
+        h_n = h_n + _final_state_delta(self.rnn, seq, delta, h_n)
+        return new_seq, ((h_n, state[1]) if self.rnn.lstm else h_n)
 
     def _check(self, name: str, adapter: Adapter, t: torch.Tensor, what: str) -> None:
         if isinstance(t, torch.fx.Proxy):
             return  # being traced by torch.fx: no shape yet, and no branching on one
-        if t.dim() == 0 or t.shape[-1] != adapter.d_model:
-            size = t.shape[-1] if t.dim() else "nothing (a scalar)"
+        dim = adapter.feature_dim
+        if not -t.dim() <= dim < t.dim() or t.shape[dim] != adapter.d_model:
+            size = f"size {t.shape[dim]} on axis {dim}" if -t.dim() <= dim < t.dim() else (
+                f"no axis {dim} (shape {tuple(t.shape)})")
             raise ValueError(
-                f"module '{self.target_name}' {what}s last dimension {size}, but the adapter "
-                f"of set '{name}' has d_model={adapter.d_model}; inject with "
-                f"AdapterConfig(d_model=...) equal to the {what}'s last dimension, "
-                "or choose a target whose output is the hidden state"
+                f"module '{self.target_name}' {what}s {size}, but the adapter of set "
+                f"'{name}' has d_model={adapter.d_model} there; inject with "
+                f"AdapterConfig(d_model=..., feature_dim=...) matching the {what}, pass "
+                "example_inputs=... to inject so that they are read off a real output, or "
+                "choose a target whose output is the hidden state"
             )
 
     def extra_repr(self) -> str:
         return f"active={list(self.active)}"
 
 
-def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, TENSOR_LIKE):
-            return value
-    return None
-
-
-def _keys(output: Any) -> list[Any] | None:
-    if isinstance(output, (tuple, list)):
-        return list(range(len(output)))
-    if isinstance(output, Mapping):
-        return list(output.keys())
-    if dataclasses.is_dataclass(output) and not isinstance(output, type):
-        return [f.name for f in dataclasses.fields(output)]
-    return None
-
-
-def get_item(output: Any, key: Any) -> Any:
-    if isinstance(output, (tuple, list, Mapping)):
-        return output[key]
-    return getattr(output, key)
-
-
-def find_hidden(output: Any, key: int | str | None, target_name: str) -> Any:
-    """The key of the hidden state in a structured output, or None if it holds no tensor."""
-    keys = _keys(output)
-    if keys is None:
-        return None
-    if key is None:
-        return next((k for k in keys if isinstance(get_item(output, k), TENSOR_LIKE)), None)
-    if key not in keys or not isinstance(get_item(output, key), TENSOR_LIKE):
-        raise ValueError(
-            f"module '{target_name}' returned {type(output).__name__} with keys {keys}; "
-            f"output_key={key!r} does not name a tensor among them"
-        )
-    return key
-
-
-def replace_item(output: Any, key: Any, value: torch.Tensor) -> Any:
-    """``output`` with ``output[key]`` replaced, of the same type where that can be built."""
-    if isinstance(output, tuple):
-        items = list(output)
-        items[key] = value
-        make = getattr(type(output), "_make", None)  # namedtuple
-        return make(items) if make is not None else tuple(items)
-    if isinstance(output, list):
-        items = list(output)
-        items[key] = value
-        return items
-    if type(output) is dict:
-        return {**output, key: value}
-    if isinstance(output, MutableMapping):
-        # Structured outputs such as transformers' ModelOutput are built fresh by every
-        # forward and keep their attribute and item views in step on assignment.
-        output[key] = value
-        return output
-    return dataclasses.replace(output, **{key: value})
+def _final_state_delta(rnn: RNNState, seq: Any, delta: torch.Tensor,
+                       h_n: torch.Tensor) -> torch.Tensor:
+    """``delta`` (the change to the output sequence) at the steps that ``h_n``'s last layer
+    holds, laid out as ``h_n``: zero for the earlier layers."""
+    if isinstance(seq, PackedSequence):
+        padded, lengths = pad_packed_sequence(
+            PackedSequence(delta, seq.batch_sizes, seq.sorted_indices, seq.unsorted_indices),
+            batch_first=True)
+        last = padded[torch.arange(padded.shape[0]), lengths.to(padded.device) - 1]  # (N, D*H)
+        first = padded[:, 0]
+    else:
+        steps = delta if delta.dim() == 2 else delta if rnn.batch_first else delta.transpose(0, 1)
+        # (N, L, D*H), or (L, D*H) for an unbatched input
+        last, first = steps[..., -1, :], steps[..., 0, :]
+    width = h_n.shape[-1]
+    ends = [last[..., :width]] + ([first[..., width:]] if rnn.directions == 2 else [])
+    zeros = h_n.new_zeros(h_n.shape[0] - rnn.directions, *h_n.shape[1:])
+    return torch.cat([zeros, torch.stack(ends)], dim=0)

@@ -13,14 +13,16 @@ import functools
 import re
 from collections import OrderedDict
 from collections.abc import Collection, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
 from .adapter import Adapter
 from .config import AdapterConfig
+from .layout import Layout, infer_layout
+from .probe import Call, observe, observed_layout
 from .select import select_modules
-from .slot import SLOT, AdapterSlot
+from .slot import SLOT, AdapterSlot, RNNState
 
 _SET_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -153,78 +155,29 @@ def candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def every_name(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Like ``candidates``, but a module registered under several names comes once per name
+    (a shared or tied submodule), so that selection can match any of them."""
+    out: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, module: nn.Module, ancestors: frozenset[int]) -> None:
+        out.append((prefix, module))
+        for name, child in module._modules.items():
+            if child is not None and not isinstance(child, (AdapterSlot, Adapter)) and (
+                id(child) not in ancestors
+            ):
+                walk(f"{prefix}.{name}" if prefix else name, child, ancestors | {id(child)})
+
+    walk("", model, frozenset({id(model)}))
+    return out
+
+
 def set_names(model: nn.Module) -> list[str]:
     """The injected set names, in the order they were first seen in the model."""
     names: dict[str, None] = {}
     for _, _, slot in adapted_modules(model):
         names.update(dict.fromkeys(slot.keys()))
     return list(names)
-
-
-# d_model inference: attributes that hold a module's output width, looked up on the module
-# itself first, then on the last submodule (in registration order) that has one.
-_WIDTH_ATTRS = ("out_features", "embed_dim", "hidden_size", "d_model", "nf", "embedding_dim")
-
-
-def _size(value: object) -> int | None:
-    """``value`` if it is a positive int (not a bool), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _width(module: nn.Module) -> int | None:
-    for attr in _WIDTH_ATTRS:
-        if value := _size(getattr(module, attr, None)):
-            return value
-    shape = getattr(module, "normalized_shape", None)
-    if isinstance(shape, tuple) and shape and isinstance(shape[-1], int):
-        return shape[-1]
-    return None
-
-
-def _in_width(module: nn.Module) -> int | None:
-    """The input width of the first Linear-like submodule (``in_features``, or ``nx``)."""
-    for sub in module.modules():
-        for attr in ("in_features", "nx"):
-            if value := _size(getattr(sub, attr, None)):
-                return value
-    return None
-
-
-_CONFIG_WIDTHS = ("hidden_size", "d_model", "n_embd", "dim")
-
-
-def infer_d_model(module: nn.Module, config: AdapterConfig, name: str,
-                  model: nn.Module | None = None) -> int:
-    """The adapter width for ``module``: ``config.d_model``, else read off the module.
-
-    In order: the module's own ``out_features`` / ``embed_dim`` / ``hidden_size`` /
-    ``d_model`` / ``nf`` / ``embedding_dim`` / ``normalized_shape[-1]``; else, since a target
-    is usually a residual sublayer that gives back the width it takes, the last submodule
-    whose width equals the input width of the first Linear inside (this passes over a
-    mixture of experts' one-output gates); else the last submodule with a width (the output
-    projection of an attention or FFN block); else the hidden size in ``model.config`` (a
-    transformers model whose experts are fused tensors, with no Linear inside).
-    """
-    if config.d_model is not None:
-        return config.d_model
-    width = _width(module)
-    if width is None:
-        widths = [w for sub in reversed(list(module.modules()))
-                  if not isinstance(sub, (AdapterSlot, Adapter)) and (w := _width(sub))]
-        residual = _in_width(module)
-        width = residual if residual in widths else (widths[0] if widths else None)
-    if width is None and model is not None:
-        model_config = getattr(model, "config", None)
-        width = next((v for attr in _CONFIG_WIDTHS
-                      if (v := _size(getattr(model_config, attr, None)))), None)
-    if width is None:
-        raise ValueError(
-            f"cannot infer d_model for module '{name}' ({type(module).__name__}): it has no "
-            "out_features, embed_dim, hidden_size, d_model or normalized_shape, nor a Linear "
-            "inside, nor does the model have a config.hidden_size; pass "
-            "AdapterConfig(d_model=<width of its output>)"
-        )
-    return width
 
 
 def _factory_kwargs(module: nn.Module, model: nn.Module) -> dict[str, Any]:
@@ -266,7 +219,7 @@ def _first_nested(names: list[str]) -> tuple[str, str] | None:
     return names[outer], names[inner]
 
 
-def _check_targets(chosen: dict[str, nn.Module]) -> None:
+def _check_targets(chosen: dict[str, nn.Module], named: list[tuple[str, nn.Module]]) -> None:
     for name, module in chosen.items():
         if type(module).forward is nn.Module.forward:
             raise ValueError(
@@ -274,7 +227,8 @@ def _check_targets(chosen: dict[str, nn.Module]) -> None:
                 "select the modules inside it (e.g. a glob such as "
                 f"'{name}.*.mha_block')"
             )
-    nested = _first_nested(list(chosen))
+    ids = {id(m) for m in chosen.values()}
+    nested = _first_nested([n for n, m in named if id(m) in ids])  # under any of their names
     if nested is not None:
         outer, inner = nested
         raise ValueError(
@@ -354,27 +308,72 @@ def _restore_fast_paths(model: nn.Module) -> None:
             del module.__dict__[_SAVED]
 
 
+def _check_rnn(qname: str, module: nn.Module, config: AdapterConfig) -> None:
+    if not isinstance(module, nn.RNNBase):
+        return
+    what = f"target '{qname}' is an {type(module).__name__}"
+    if config.placement == "parallel":
+        raise ValueError(f"{what}, whose input is a sequence of another width (or packed); "
+                         "use placement='sequential' there")
+    if config.output_key not in (None, 0, (0,)) or config.feature_dim not in (None, -1):
+        raise ValueError(
+            f"{what}: its adapter adapts the output sequence (output_key=None or 0, features "
+            "on the last axis), and adapterkit adds the same change to the last layer's h_n, "
+            "which is that sequence's last step, so that the two agree. Adapting h_n or c_n "
+            f"alone (output_key={config.output_key!r}) would leave the sequence unadapted; "
+            "leave output_key and feature_dim unset"
+        )
+
+
+def _select(model: nn.Module, targets: object) -> tuple[dict[str, nn.Module],
+                                                        list[tuple[str, nn.Module]]]:
+    """The selected modules, each once under its first name, in model order."""
+    named = every_name(model)
+    first = {id(m): n for n, m in reversed(named)}
+    order = {n: i for i, (n, _) in enumerate(candidates(model))}
+    chosen = {first[id(m)]: m for m in select_modules(named, targets).values()}
+    return dict(sorted(chosen.items(), key=lambda item: order[item[0]])), named
+
+
+class Target(NamedTuple):
+    """A module that injection would wrap, its adapter's layout, and its calls on
+    ``example_inputs`` (None without them)."""
+
+    module: nn.Module
+    layout: Layout
+    calls: list[Call] | None = None
+
+
 def resolve(
-    model: nn.Module, targets: object, config: AdapterConfig
-) -> dict[str, tuple[nn.Module, int]]:
-    """What injecting ``targets`` would wrap: ``{qualified name: (module, d_model)}``.
+    model: nn.Module, targets: object, config: AdapterConfig, *,
+    example_inputs: object = None, layouts: dict[str, Layout] | None = None,
+) -> dict[str, Target]:
+    """What injecting ``targets`` would wrap, by qualified name.
 
     Runs every check that ``attach`` runs before it changes anything, so that ``plan`` (a
-    dry run) and ``attach`` refuse the same things.
+    dry run) and ``attach`` refuse the same things. The layouts come from ``layouts`` (a
+    saved set's), else from one run on ``example_inputs``, else from the modules themselves.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
-    chosen = select_modules(candidates(model), targets)
-    _check_targets(chosen)
-    for qname in chosen:
+    chosen, named = _select(model, targets)
+    _check_targets(chosen, named)
+    for qname, module in chosen.items():
         _check_called(model, qname)
         _check_not_wrapped(model, qname)
-    return {qname: (module, infer_d_model(module, config, qname, model))
-            for qname, module in chosen.items()}
+        _check_rnn(qname, module, config)
+    if layouts is not None:
+        return {q: Target(m, layouts[q]) for q, m in chosen.items()}
+    if example_inputs is None:
+        return {q: Target(m, infer_layout(m, config, q, model)) for q, m in chosen.items()}
+    calls = observe(model, chosen, example_inputs)
+    return {q: Target(m, observed_layout(q, m, calls[q], config, model), calls[q])
+            for q, m in chosen.items()}
 
 
 def attach(
-    model: nn.Module, targets: object, config: AdapterConfig, name: str
+    model: nn.Module, targets: object, config: AdapterConfig, name: str, *,
+    example_inputs: object = None, layouts: dict[str, Layout] | None = None,
 ) -> list[str]:
     """Wrap every selected module with an adapter of set ``name``; all or nothing.
 
@@ -383,19 +382,19 @@ def attach(
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     _check_set_name(model, name)
-    resolved = resolve(model, targets, config)
-    chosen = {qname: module for qname, (module, _) in resolved.items()}
+    resolved = resolve(model, targets, config, example_inputs=example_inputs, layouts=layouts)
     new_adapters = {
-        qname: Adapter(width, config, **_factory_kwargs(module, model)).train(module.training)
-        for qname, (module, width) in resolved.items()
+        qname: Adapter(layout.d_model, config, feature_dim=layout.feature_dim,
+                       **_factory_kwargs(module, model)).train(module.training)
+        for qname, (module, layout, _) in resolved.items()
     }
     # Everything that can fail has been checked: change the model now.
     active = tuple(current_active(model)) + (name,)
     try:
-        for qname, module in chosen.items():
+        for qname, (module, _, _) in resolved.items():
             slot = slot_of(module)
             if slot is None:
-                slot = AdapterSlot(qname)
+                slot = AdapterSlot(qname, RNNState.of(module))
                 # a class that refuses the swap (e.g. another memory layout) raises here
                 module.__class__ = adapted_class(type(module))
                 module._modules[SLOT] = slot
@@ -403,9 +402,9 @@ def attach(
     except BaseException:
         detach(model, [name])  # all or nothing
         raise
-    _disable_fast_paths(model, list(chosen))
+    _disable_fast_paths(model, list(resolved))
     _store_active(model, active)
-    return list(chosen)
+    return list(resolved)
 
 
 def detach(model: nn.Module, names: Collection[str]) -> None:

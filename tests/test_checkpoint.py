@@ -59,7 +59,8 @@ def test_files_and_config_contents(tmp_path):
     assert sorted(p.name for p in path.iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors"]
     meta = json.loads((path / "adapter_config.json").read_text())
-    assert meta["format_version"] == 1 and meta["name"] == "default"
+    assert meta["format_version"] == 2 and meta["name"] == "default"
+    assert meta["layouts"]["decoder_blocks.0.mha_block"] == {"d_model": 32, "feature_dim": -1}
     assert meta["config"] == NONZERO.to_dict()
     assert meta["targets"] == [f"decoder_blocks.{i}.{m}" for i in range(2)
                                for m in ("mha_block", "ffn_block")]
@@ -160,8 +161,8 @@ REFUSALS = [
      "unknown AdapterConfig field\\(s\\) \\['rank'\\]"),
     ("unknown top-level field", lambda p: _edit_config(p, lambda m: m.update(extra=1)),
      "unknown field\\(s\\) \\['extra'\\]"),
-    ("newer format", lambda p: _edit_config(p, lambda m: m.update(format_version=2)),
-     "format_version 2; this adapterkit reads versions up to 1: upgrade adapterkit"),
+    ("newer format", lambda p: _edit_config(p, lambda m: m.update(format_version=3)),
+     "format_version 3; this adapterkit reads versions up to 2: upgrade adapterkit"),
     ("bad config value", lambda p: _edit_config(p, lambda m: m["config"].update(dropout=2)),
      "AdapterConfig.dropout must be in"),
     ("damaged json", lambda p: (p / "adapter_config.json").write_text('{"format": "adapt'),
@@ -179,8 +180,16 @@ REFUSALS = [
      "module 'decoder_blocks.0.mha_block' parameter 'q_proj.weight' had shape \\[64, 64\\], "
      "this model's has \\[32, 32\\]"),
     ("target the model lacks", lambda p: _edit_config(
-        p, lambda m: m.update(targets=m["targets"] + ["decoder_blocks.7.mha_block"])),
+        p, lambda m: (m.update(targets=m["targets"] + ["decoder_blocks.7.mha_block"]),
+                      m["layouts"].update({"decoder_blocks.7.mha_block": {
+                          "d_model": 32, "feature_dim": -1}}))),
      "adapts module 'decoder_blocks.7.mha_block', which this model does not have"),
+    ("a target without a layout", lambda p: _edit_config(
+        p, lambda m: m["layouts"].pop("decoder_blocks.0.mha_block")),
+     "'layouts' must map every target to"),
+    ("a layout of the wrong type", lambda p: _edit_config(
+        p, lambda m: m["layouts"]["decoder_blocks.0.mha_block"].update(feature_dim="last")),
+     "'layouts' must map every target to"),
 ]
 
 

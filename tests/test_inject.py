@@ -276,10 +276,12 @@ def test_structured_outputs_adapt_the_first_tensor(kind, get):
         assert out.extra == 1
 
 
-def test_output_without_tensor_passes_through():
+def test_output_without_tensor_is_an_error_not_a_silent_pass_through():
     model = nn.ModuleDict({"m": Structured("none")})
     adapterkit.inject(model, ["m"], AdapterConfig(d_model=4))
-    assert model["m"](torch.randn(2, 4)) is None
+    with pytest.raises(ValueError, match="module 'm' returned NoneType with no tensor in it, "
+                                         "so the adapter of set 'default' would do nothing"):
+        model["m"](torch.randn(2, 4))
 
 
 def test_output_key_selects_another_tensor():
@@ -295,8 +297,8 @@ def test_output_key_selects_another_tensor():
 def test_output_key_that_names_no_tensor_is_an_error_at_the_forward():
     model = nn.ModuleDict({"m": TupleOut()})
     adapterkit.inject(model, ["m"], AdapterConfig(bottleneck=2, output_key=5))
-    with pytest.raises(ValueError, match=r"returned tuple with keys \[0, 1, 2\]; "
-                       r"output_key=5 does not name a tensor"):
+    with pytest.raises(ValueError, match=r"returned tuple; output_key=5 does not name a "
+                       r"tensor: tuple has keys \[0, 1, 2\]. Name a tensor, e.g. output_key=0"):
         model["m"](torch.randn(2, 4))
 
 
@@ -347,15 +349,15 @@ def test_a_set_name_already_injected_is_refused(gpt):
 
 def test_width_mismatch_is_caught_at_the_first_forward(gpt, tokens):
     adapterkit.inject(gpt, ["fc1"], AdapterConfig(d_model=32))  # fc1 outputs dff=48
-    with pytest.raises(ValueError, match=r"module 'decoder_blocks.0.ffn_block.fc1' outputs last "
-                       r"dimension 48, but the adapter of set 'default' has d_model=32"):
+    with pytest.raises(ValueError, match=r"module 'decoder_blocks.0.ffn_block.fc1' outputs size 48 "
+                       r"on axis -1, but the adapter of set 'default' has d_model=32"):
         gpt(tokens)
 
 
 def test_parallel_width_mismatch_names_the_input():
     model = nn.Sequential(nn.Linear(4, 6))
     adapterkit.inject(model, ["0"], AdapterConfig(placement="parallel"))
-    with pytest.raises(ValueError, match="module '0' inputs last dimension 4, but the adapter"):
+    with pytest.raises(ValueError, match="module '0' inputs size 4 on axis -1, but the adapter"):
         model(torch.randn(2, 4))
 
 

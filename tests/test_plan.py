@@ -69,7 +69,7 @@ def test_plan_counts_adapter_parameters(d: int, bottleneck: int, reduction: floa
 def test_plan_changes_nothing() -> None:
     model = make_gpt().train()
     snap = snapshot(model)
-    p = adapterkit.plan(model, "auto", example=torch.randint(0, 61, (2, 6)))
+    p = adapterkit.plan(model, "auto", example_inputs=torch.randint(0, 61, (2, 6)))
     assert len(p) == 4
     assert_same(model, snap)
     assert all(m.training for m in model.modules())
@@ -81,7 +81,7 @@ def test_plan_with_example_restores_modes_buffers_and_random_state() -> None:
     snap = snapshot(model)
     example = torch.randn(4, 8)
     rng = torch.get_rng_state()
-    p = adapterkit.plan(model, ["body"], AdapterConfig(bottleneck=2), example=example)
+    p = adapterkit.plan(model, ["body"], AdapterConfig(bottleneck=2), example_inputs=example)
     assert (p.rows[0].output, p.rows[0].adapts, p.rows[0].found_by) == ("tuple", "[0]", "run")
     assert_same(model, snap)  # running_mean / running_var / num_batches_tracked too
     assert all(m.training for m in model.modules())
@@ -115,7 +115,7 @@ def test_output_key_is_what_it_adapts() -> None:
 def test_str_is_a_table_with_a_total() -> None:
     text = str(adapterkit.plan(make_gpt(), "auto", AdapterConfig(bottleneck=8)))
     lines = text.splitlines()
-    assert lines[0].split() == ["module", "class", "d_model", "output", "adapts", "params",
+    assert lines[0].split() == ["module", "class", "d_model", "axis", "output", "adapts", "params",
                                 "kind", "from"]
     assert set(lines[1]) <= {"-", " "}
     assert lines[2].split()[:3] == ["decoder_blocks.0.mha_block", "MultiheadAttention", "32"]
@@ -158,7 +158,7 @@ def test_plan_on_hugging_face_models_learns_kinds_by_running() -> None:
     static = adapterkit.plan(model, "auto")
     assert {r.output for r in static.rows} == {"unknown"}  # T5 does not annotate its forwards
     ids = torch.randint(0, 100, (2, 5))
-    ran = adapterkit.plan(model, "auto", example={"input_ids": ids, "decoder_input_ids": ids})
+    ran = adapterkit.plan(model, "auto", example_inputs={"input_ids": ids, "decoder_input_ids": ids})
     kinds = {r.module.rsplit(".", 1)[1]: (r.output, r.adapts) for r in ran.rows}
     assert kinds == {"SelfAttention": ("tuple", "[0]"), "DenseReluDense": ("tensor",
                                                                            "whole output")}
