@@ -22,13 +22,15 @@ from torch import nn
 from .adapter import Adapter
 from .config import AdapterConfig, FreezeSpec
 from .layout import Layout, infer_layout
-from .select import closest_names, select_modules
+from .select import closest_names
 from .surgery import (
     adapted_modules,
     attach,
     candidates,
     is_distributed_wrapper,
+    norms_updated,
     original_class,
+    select,
     set_names,
 )
 
@@ -73,7 +75,7 @@ def _gathered(t: torch.Tensor) -> torch.Tensor:
 
 
 def _included(model: nn.Module, include: Sequence[str]) -> dict[str, nn.Module]:
-    return select_modules(candidates(model), list(include)) if include else {}
+    return select(model, list(include))[0] if include else {}
 
 
 def _saved_includes(model: nn.Module, names: list[str], file: Path) -> dict[str, nn.Module]:
@@ -120,6 +122,7 @@ def save_adapters(
         raise ValueError(f"no adapter set named {name!r} to save; injected sets: "
                          f"{set_names(model)}")
     included = _included(model, include)
+    _check_norms(model, included)
     tensors = {
         f"adapters.{key}.{pname}": _gathered(t)
         for key, (_, adapter) in found.items()
@@ -155,6 +158,19 @@ def save_adapters(
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return _write_on_rank_zero(Path(path), meta, tensors)
     return _write_atomically(Path(path), meta, tensors)
+
+
+def _check_norms(model: nn.Module, included: dict[str, nn.Module]) -> None:
+    stale = [name for name in norms_updated(model)
+             if not any(name == inc or name.startswith(inc + ".") or not inc for inc in included)]
+    if stale:
+        raise ValueError(
+            f"BatchNorm layers {stale[:4]} updated their running statistics since the adapters "
+            "were injected (forward passes in train mode), and the adapter file would not hold "
+            "them: loaded into the base, the adapters would run against other statistics. "
+            f"Save them too (include={stale[:4]!r}), or keep BatchNorm layers in eval mode "
+            "while the adapters train (see docs/models.md)"
+        )
 
 
 def _write_on_rank_zero(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:

@@ -10,7 +10,7 @@ from torch import nn
 from .config import FreezeSpec
 from .report import format_table, percent
 from .select import compile_selector, no_match_error
-from .surgery import adapted_modules, candidates, set_names
+from .surgery import adapted_modules, every_name, set_names
 
 
 @dataclass(frozen=True)
@@ -54,16 +54,13 @@ def select_parameters(model: nn.Module, entry: str) -> set[int]:
             raise ValueError(f"{entry!r} selects no parameter: the model has no adapters yet")
         return found
     match = compile_selector(entry)
-    found = {
-        id(p)
-        for name, module in candidates(model)
-        if name and match(name, module)
-        for p in module.parameters()
-    }
-    named = list(model.named_parameters())
+    modules = every_name(model)  # a shared module answers to each of its names
+    found = {id(p) for name, module in modules if name and match(name, module)
+             for p in module.parameters()}
+    named = list(model.named_parameters(remove_duplicate=False))
     found |= {id(p) for name, p in named if match(name, p)}
     if not found:
-        names = [n for n, _ in candidates(model) if n] + [n for n, _ in named]
+        names = [n for n, _ in modules if n] + [n for n, _ in named]
         raise no_match_error(entry, names, what="module or parameter")
     return found
 

@@ -186,6 +186,26 @@ def _block(module: nn.Module) -> Found:
     return Found(width, _axis(layers[-1]) if layers else LAST)
 
 
+def parallel_mismatch(module: nn.Module, layout: Layout) -> str | None:
+    """Why a parallel adapter (``module(x) + branch(x)``) cannot sit on this layer, which
+    it can tell by its class: its input is not of the output's shape. None: no reason known."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "its input is token indices, not features"
+    if not _is_layer(module) or isinstance(module, nn.RNNBase):
+        return None
+    width = _in_width(module)
+    if width is not None and width != layout.d_model:
+        return f"its input has width {width} and its output {layout.d_model}"
+    if isinstance(module, _ConvNd) and (
+        any(s != 1 for s in module.stride) or module.padding == "valid" or (
+            not isinstance(module.padding, str) and any(
+                2 * p != d * (k - 1) for p, d, k in zip(
+                    module.padding, module.dilation, module.kernel_size, strict=True)))
+    ):
+        return "its output is not of its input's spatial size (stride 1, 'same' padding)"
+    return None
+
+
 def _in_width(layer: nn.Module) -> int | None:
     for attr in ("in_features", "nx", "in_channels", "num_features", "num_channels",
                  "input_size", "embed_dim"):

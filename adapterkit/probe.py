@@ -107,7 +107,7 @@ def observe(model: nn.Module, modules: dict[str, nn.Module],
             example_inputs: Any) -> dict[str, list[Call]]:
     """Run ``model`` once on ``example_inputs`` (a tensor: ``model(x)``; a tuple or list:
     ``model(*x)``; a dict: ``model(**x)``) and return every call of each of ``modules``."""
-    with _recording(modules) as calls:
+    with _recording(modules) as calls, torch.random.fork_rng(devices=[]):
         try:
             _fake_run(model, example_inputs)
             return calls
@@ -156,10 +156,12 @@ def _one_call(name: str, module: nn.Module, call: Call, config: AdapterConfig,
             "returns its hidden state"
         )
     hidden = get_path(call.output, path)
+    rank = hidden.dim()
     axis = config.feature_dim if config.feature_dim is not None else found.axis
+    if axis is None and rank <= 2:
+        axis = LAST  # (N, features) or (features,): no other axis could carry them
     if axis is None:
         raise axis_error(name, module, found.why)
-    rank = hidden.dim()
     if not -rank <= axis < rank:
         raise LayoutError(
             f"module '{name}' returned a hidden state of shape {tuple(hidden.shape)} on "

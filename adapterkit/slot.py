@@ -86,6 +86,13 @@ class AdapterSlot(nn.ModuleDict):
                 f"parallel adapter of set '{name}' has no input; use placement='sequential'"
             )
         self._check(name, adapter, x, "input")
+        if not isinstance(x, torch.fx.Proxy) and x.shape != hidden.shape:
+            raise ValueError(
+                f"module '{self.target_name}' takes an input of shape {tuple(x.shape)} and "
+                f"returns {tuple(hidden.shape)}: the parallel adapter of set '{name}' adds a "
+                "branch of the input to the output, which needs the two shapes equal; use "
+                "placement='sequential' there"
+            )
         return adapter.branch(x)
 
     def _apply_rnn(self, name: str, adapter: Adapter, output: Any, args: tuple,

@@ -19,7 +19,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import AdapterConfig
-from .layout import Layout, infer_layout
+from .layout import Layout, infer_layout, parallel_mismatch
 from .probe import Call, observe, observed_layout
 from .select import select_modules
 from .slot import SLOT, AdapterSlot, RNNState
@@ -255,6 +255,25 @@ _SAVED = "_adapterkit_saved_settings"
 _NEVER_CALLED: tuple[tuple[type[nn.Module], str], ...] = ((nn.MultiheadAttention, "out_proj"),)
 
 
+# BatchNorm layers update their running statistics in every forward in train mode, frozen or
+# not, and an adapter file does not hold them: save_adapters compares their step counters with
+# those at injection, so that adapters trained against other statistics are not saved alone.
+_NORM_COUNTS = "_adapterkit_norm_counts"
+
+
+def _norm_counts(model: nn.Module) -> dict[str, int]:
+    return {name: int(m.num_batches_tracked) for name, m in candidates(model)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.num_batches_tracked is not None and not m.num_batches_tracked.is_meta}
+
+
+def norms_updated(model: nn.Module) -> list[str]:
+    """The BatchNorm layers whose running statistics changed since adapters were injected."""
+    before = model.__dict__.get(_NORM_COUNTS, {})
+    return [name for name, count in _norm_counts(model).items()
+            if name in before and before[name] != count]
+
+
 def _ancestors(model: nn.Module, qname: str) -> list[nn.Module]:
     parts = qname.split(".") if qname else []
     return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
@@ -325,9 +344,10 @@ def _check_rnn(qname: str, module: nn.Module, config: AdapterConfig) -> None:
         )
 
 
-def _select(model: nn.Module, targets: object) -> tuple[dict[str, nn.Module],
-                                                        list[tuple[str, nn.Module]]]:
-    """The selected modules, each once under its first name, in model order."""
+def select(model: nn.Module, targets: object) -> tuple[dict[str, nn.Module],
+                                                       list[tuple[str, nn.Module]]]:
+    """The modules ``targets`` selects under any of their names, each once under its first
+    name, in model order; and every ``(name, module)`` pair it matched against."""
     named = every_name(model)
     first = {id(m): n for n, m in reversed(named)}
     order = {n: i for i, (n, _) in enumerate(candidates(model))}
@@ -356,19 +376,29 @@ def resolve(
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
-    chosen, named = _select(model, targets)
+    chosen, named = select(model, targets)
     _check_targets(chosen, named)
     for qname, module in chosen.items():
         _check_called(model, qname)
         _check_not_wrapped(model, qname)
         _check_rnn(qname, module, config)
     if layouts is not None:
-        return {q: Target(m, layouts[q]) for q, m in chosen.items()}
-    if example_inputs is None:
-        return {q: Target(m, infer_layout(m, config, q, model)) for q, m in chosen.items()}
-    calls = observe(model, chosen, example_inputs)
-    return {q: Target(m, observed_layout(q, m, calls[q], config, model), calls[q])
-            for q, m in chosen.items()}
+        found = {q: Target(m, layouts[q]) for q, m in chosen.items()}
+    elif example_inputs is None:
+        found = {q: Target(m, infer_layout(m, config, q, model)) for q, m in chosen.items()}
+    else:
+        calls = observe(model, chosen, example_inputs)
+        found = {q: Target(m, observed_layout(q, m, calls[q], config, model), calls[q])
+                 for q, m in chosen.items()}
+    if config.placement == "parallel":
+        for qname, (module, layout, _) in found.items():
+            if why := parallel_mismatch(module, layout):
+                raise ValueError(
+                    f"target '{qname}' ({type(module).__name__}) cannot take a parallel adapter, "
+                    f"which adds a branch of the input to the output: {why}; use "
+                    "placement='sequential' there"
+                )
+    return found
 
 
 def attach(
@@ -404,6 +434,7 @@ def attach(
         raise
     _disable_fast_paths(model, list(resolved))
     _store_active(model, active)
+    model.__dict__.setdefault(_NORM_COUNTS, _norm_counts(model))
     return list(resolved)
 
 
@@ -435,6 +466,8 @@ def detach(model: nn.Module, names: Collection[str]) -> None:
             module.__class__ = module._adapterkit_base  # type: ignore[attr-defined]
     _restore_fast_paths(model)
     _store_active(model, tuple(n for n in current_active(model) if n not in drop))
+    if not adapted_modules(model):
+        model.__dict__.pop(_NORM_COUNTS, None)
 
 
 def current_active(model: nn.Module) -> list[str]:

@@ -354,11 +354,53 @@ def test_width_mismatch_is_caught_at_the_first_forward(gpt, tokens):
         gpt(tokens)
 
 
-def test_parallel_width_mismatch_names_the_input():
+def test_parallel_width_mismatch_is_refused_at_inject():
     model = nn.Sequential(nn.Linear(4, 6))
-    adapterkit.inject(model, ["0"], AdapterConfig(placement="parallel"))
-    with pytest.raises(ValueError, match="module '0' inputs size 4 on axis -1, but the adapter"):
-        model(torch.randn(2, 4))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"target '0' \(Linear\) cannot take a parallel adapter"
+                                         r", .*: its input has width 4 and its output 6"):
+        adapterkit.inject(model, ["0"], AdapterConfig(placement="parallel"))
+    assert_same(model, snap)
+
+
+@pytest.mark.parametrize(("conv", "why"), [
+    (nn.Conv2d(4, 4, 3, stride=2, padding=1), "not of its input's spatial size"),
+    (nn.Conv2d(4, 4, 3), "not of its input's spatial size"),
+    (nn.Conv2d(3, 4, 1), "its input has width 3 and its output 4"),
+    (nn.Embedding(10, 4), "its input is token indices"),
+])
+def test_parallel_on_a_layer_that_changes_the_shape_is_refused_at_inject(conv, why):
+    with pytest.raises(ValueError, match=why):
+        adapterkit.inject(nn.Sequential(conv), ["0"], AdapterConfig(placement="parallel"))
+    conv_same = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1))  # a shape-keeping conv is fine
+    adapterkit.inject(conv_same, ["0"], AdapterConfig(placement="parallel"))
+    assert conv_same(torch.randn(1, 4, 5, 5)).shape == (1, 4, 5, 5)
+
+
+class Pool(nn.Module):
+    """Keeps the width, drops the sequence axis: nothing in its class says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).mean(1)
+
+
+def test_parallel_shape_mismatch_at_the_forward_or_at_inject_with_example_inputs():
+    config = AdapterConfig(placement="parallel", bottleneck=2)
+    x = torch.randn(2, 5, 8)
+    model = adapterkit.inject(nn.Sequential(Pool()), ["0"], config)
+    with pytest.raises(ValueError, match=r"module '0' takes an input of shape \(2, 5, 8\) and "
+                                         r"returns \(2, 8\)"):
+        model(x)
+    fresh = nn.Sequential(Pool())
+    snap = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"module '0' takes input of shape \(2, 5, 8\) and "
+                                         r"returns shape \(2, 8\) on example_inputs"):
+        adapterkit.inject(fresh, ["0"], config, example_inputs=x)
+    assert_same(fresh, snap)
 
 
 def test_attribute_clash_is_refused():
