@@ -21,6 +21,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import AdapterConfig, FreezeSpec
+from .fusion import AdapterFusion, FusionConfig, add_fusion, fusion_width
 from .select import closest_names, select_modules
 from .surgery import (
     adapted_modules,
@@ -33,7 +34,7 @@ from .surgery import (
 )
 
 FORMAT = "adapterkit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads; files are written with the oldest that fits
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _FIELDS = {"format", "format_version", "name", "config", "targets", "include", "freeze", "base"}
@@ -41,6 +42,17 @@ _FIELDS = {"format", "format_version", "name", "config", "targets", "include", "
 
 class AdapterFileError(ValueError):
     """An adapter directory that cannot be loaded into this model; the message says why."""
+
+
+def _config_json(config: AdapterConfig | FusionConfig) -> dict[str, Any]:
+    # A fusion set's config is {"fusion": {...}}: version 1 readers refuse it by its version.
+    return {"fusion": config.to_dict()} if isinstance(config, FusionConfig) else config.to_dict()
+
+
+def _config_from_json(data: object) -> AdapterConfig | FusionConfig:
+    if isinstance(data, dict) and set(data) == {"fusion"}:
+        return FusionConfig.from_dict(data["fusion"])
+    return AdapterConfig.from_dict(data)  # type: ignore[arg-type]
 
 
 # -- what a set looks like in a model ------------------------------------------------------
@@ -133,9 +145,9 @@ def save_adapters(
     spec = next((slot.freeze_spec for _, _, slot in adapted_modules(model) if name in slot), None)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if isinstance(first_adapter, AdapterFusion) else 1,
         "name": name,
-        "config": first_adapter.config.to_dict(),
+        "config": _config_json(first_adapter.config),
         "targets": list(found),
         "include": list(included),
         "freeze": spec.to_dict() if spec is not None else None,
@@ -236,7 +248,7 @@ def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"expected exactly {sorted(_FIELDS)}"
         )
     try:
-        meta["config"] = AdapterConfig.from_dict(meta["config"])
+        meta["config"] = _config_from_json(meta["config"])
         meta["freeze"] = None if meta["freeze"] is None else FreezeSpec.from_dict(meta["freeze"])
     except (TypeError, ValueError) as err:
         raise AdapterFileError(f"{file}: {err}") from None
@@ -319,7 +331,7 @@ def _check_base(model: nn.Module, meta: dict, file: Path) -> dict[str, nn.Module
 def _expected(
     model: nn.Module, meta: dict, name: str, targets: dict[str, nn.Module], file: Path
 ) -> dict[str, torch.Size]:
-    config: AdapterConfig = meta["config"]
+    config: AdapterConfig | FusionConfig = meta["config"]
     existing = _set_slots(model, name)
     if existing and set(existing) != set(targets):
         raise AdapterFileError(
@@ -327,14 +339,30 @@ def _expected(
             f"{sorted(targets)}; load under another name=..."
         )
     shapes: dict[str, torch.Size] = {}
+    slots = {key: slot for key, _, slot in adapted_modules(model)}
     for target, module in targets.items():
-        d = existing[target][1].d_model if existing else infer_d_model(module, config, target,
-                                                                           model)
-        probe = Adapter(d, config, device="meta")
+        if existing:
+            d = existing[target][1].d_model
+        elif isinstance(config, FusionConfig):
+            d = _fusion_width(slots.get(target, {}), config, target, file)
+        else:
+            d = infer_d_model(module, config, target, model)
+        make = AdapterFusion if isinstance(config, FusionConfig) else Adapter
+        probe = make(d, config, device="meta")  # type: ignore[arg-type]
         shapes |= {f"adapters.{target}.{k}": v.shape for k, v in probe.state_dict().items()}
     for mname, module in _saved_includes(model, meta["include"], file).items():
         shapes |= {f"modules.{mname}.{k}": v.shape for k, v in module.state_dict().items()}
     return shapes
+
+
+def _fusion_width(slot: Any, config: FusionConfig, target: str, file: Path) -> int:
+    try:
+        return fusion_width(slot, config, target)
+    except ValueError as err:
+        raise AdapterFileError(
+            f"{file} holds a fusion of {list(config.sets)}: {err}. Load or inject the fused "
+            "sets first, under those names"
+        ) from None
 
 
 def load_adapters(
@@ -345,7 +373,8 @@ def load_adapters(
     ``name`` renames the set (default: the saved name). Weights are cast to the dtype and
     device of the adapters they load into. Every check (format, config, base fingerprint,
     keys, shapes) runs before the model changes; on any error the model is as it was.
-    Under ``torch.distributed``, load into the unsharded model, then wrap it.
+    Under ``torch.distributed``, load into the unsharded model, then wrap it. A fusion set
+    (``fuse``) loads onto the slots of its fused sets, which must be in the model already.
 
     Example:
         >>> import tempfile, torch, adapterkit
@@ -367,7 +396,8 @@ def load_adapters(
     tensors = _read_tensors(path)
     name = meta["name"] if name is None else name
     file = path / WEIGHTS_FILE
-    _check_graph(model, meta, name, path / CONFIG_FILE)
+    if not isinstance(meta["config"], FusionConfig):  # a fusion sits on its sets' slots
+        _check_graph(model, meta, name, path / CONFIG_FILE)
     _check_unsharded(model, path)
     targets = _check_base(model, meta, path / CONFIG_FILE)
     expected = _expected(model, meta, name, targets, path / CONFIG_FILE)
@@ -383,7 +413,9 @@ def load_adapters(
             f"{file} does not fit this model: " + "; ".join(p for p in parts if p)
             + ". Load it into the model and config it was saved from"
         )
-    if not _set_slots(model, name):
+    if not _set_slots(model, name) and isinstance(meta["config"], FusionConfig):
+        add_fusion(model, name, meta["config"], list(targets))
+    elif not _set_slots(model, name):
         attach(model, lambda qname, _m: qname in targets, meta["config"], name)
     with torch.no_grad():
         for target, (_, adapter) in _set_slots(model, name).items():

@@ -29,35 +29,75 @@ class AdapterSlot(nn.ModuleDict):
     def __init__(self, target_name: str) -> None:
         super().__init__()
         self.target_name = target_name  # for error messages only
-        # The model-wide list of active sets; every slot holds the same tuple and applies
-        # those of its own adapters that it names, in that order.
-        self.active: tuple[str, ...] = ()
+        # The model-wide list of active sets (and compositions, such as average(...)); every
+        # slot holds the same tuple and applies those of its own adapters that it names, in
+        # that order.
+        self.active: tuple[Any, ...] = ()
         self.freeze_spec: FreezeSpec | None = None  # the last spec applied, saved with sets
+        self.route: Any = None  # set inside adapterkit.routed(): a routing.Route
 
     def run(self, output: Any, args: tuple, kwargs: dict) -> Any:
-        for name in self.active:
-            adapter = self._modules.get(name)
-            if adapter is not None:
-                output = self._apply_one(name, adapter, output, args, kwargs)
+        if self.route is not None:  # adapterkit.routed(): each example its own sets
+            return self.route.run(self, output, args, kwargs)
+        return self.apply_entries(self.active, output, args, kwargs)
+
+    def apply_entries(self, entries: tuple, output: Any, args: tuple, kwargs: dict) -> Any:
+        """Apply ``entries`` (set names, or compositions such as ``average(...)``) in order;
+        an entry with nothing at this module passes the output through."""
+        for entry in entries:
+            module = self.entry(entry)
+            if module is not None:
+                output = self._apply_one(str(entry), module, output, args, kwargs)
         return output
 
+    def entry(self, entry: Any) -> Any:
+        """What runs ``entry`` here: its ``Adapter`` or fusion module, a composition that has
+        a set here, or None."""
+        if isinstance(entry, str):
+            return self._modules.get(entry)
+        return entry if entry.present(self) else None
+
     def _apply_one(
-        self, name: str, adapter: Adapter, output: Any, args: tuple, kwargs: dict
+        self, name: str, adapter: Any, output: Any, args: tuple, kwargs: dict
     ) -> Any:
         if isinstance(output, TENSOR_LIKE):
             return self._adapt(name, adapter, output, args, kwargs)
-        key = find_hidden(output, adapter.config.output_key, self.target_name)
+        key = find_hidden(output, self.output_key(adapter), self.target_name)
         if key is None:
             return output  # nothing tensor-like to adapt: pass through untouched
         hidden = get_item(output, key)
         return replace_item(output, key, self._adapt(name, adapter, hidden, args, kwargs))
 
+    def output_key(self, adapter: Any) -> int | str | None:
+        """The ``output_key`` an entry adapts: an adapter's own, a composition's sets'."""
+        if isinstance(adapter, Adapter):
+            return adapter.config.output_key
+        return adapter.output_key(self)
+
     def _adapt(
-        self, name: str, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict
+        self, name: str, adapter: Any, hidden: torch.Tensor, args: tuple, kwargs: dict
     ) -> torch.Tensor:
+        if not isinstance(adapter, Adapter):  # a composition: it runs its sets' branches
+            return adapter.compose(self, hidden, args, kwargs)
         self._check(name, adapter, hidden, "output")
         if adapter.config.placement == "sequential":
             return adapter(hidden)
+        return hidden + adapter.branch(self._input(name, adapter, args, kwargs))
+
+    def branch(
+        self, name: str, hidden: torch.Tensor, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
+        """What set ``name`` alone adds to ``hidden`` here: ``_adapt(...) - hidden``, exactly.
+
+        Fusion and output averaging weigh these contributions.
+        """
+        adapter: Adapter = self._modules[name]  # type: ignore[assignment]
+        self._check(name, adapter, hidden, "output")
+        if adapter.config.placement == "sequential":
+            return adapter.branch(hidden)
+        return adapter.branch(self._input(name, adapter, args, kwargs))
+
+    def _input(self, name: str, adapter: Adapter, args: tuple, kwargs: dict) -> torch.Tensor:
         x = first_tensor(args, kwargs)
         if x is None:
             raise ValueError(
@@ -65,7 +105,7 @@ class AdapterSlot(nn.ModuleDict):
                 f"parallel adapter of set '{name}' has no input; use placement='sequential'"
             )
         self._check(name, adapter, x, "input")
-        return hidden + adapter.branch(x)
+        return x
 
     def _check(self, name: str, adapter: Adapter, t: torch.Tensor, what: str) -> None:
         if isinstance(t, torch.fx.Proxy):
