@@ -186,7 +186,10 @@ def _check_rows(model: nn.Module, names: Sequence[Any]) -> list[tuple[Entry, ...
     known = set_names(model)
     rows = []
     for i, name in enumerate(names):
-        entries = as_entries(name)
+        try:
+            entries = as_entries(name)
+        except TypeError as err:
+            raise TypeError(f"example {i}: {err}") from None
         unknown = [e for e in entries if isinstance(e, str) and e not in known]
         if unknown:
             raise ValueError(f"example {i}: no adapter set named {unknown}; injected sets: {known}")
