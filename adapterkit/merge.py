@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .config import FreezeSpec
 from .lifecycle import check_unused
 from .report import format_table
+from .slot import SLOT, AdapterSlot
 from .surgery import (
+    _disable_fast_paths,
     _store_active,
+    adapted_class,
     adapted_modules,
-    attach,
     current_active,
     detach,
     original_class,
@@ -48,8 +49,8 @@ class _Undo:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # originals, cloned
     versions: dict[str, tuple[int, int | None]]  # of weight and bias right after the merge
     adapters: dict[str, Adapter]
+    slots: dict[str, AdapterSlot]  # the very slot objects, put back where merge emptied them
     slot_order: dict[str, list[str]]
-    freeze_specs: dict[str, FreezeSpec | None]
     active: tuple[Any, ...]
     done: bool = False
 
@@ -213,8 +214,8 @@ def merge(model: nn.Module, name: str) -> Merged:
                  for q, (o, _, _) in found.items()},
         versions={},
         adapters={q: adapter for q, (_, adapter, _) in found.items()},
+        slots={q: slot_of(o) for q, (o, _, _) in found.items()},  # type: ignore[misc]
         slot_order={q: list(slot_of(o).keys()) for q, (o, _, _) in found.items()},  # type: ignore[union-attr]
-        freeze_specs={q: slot_of(o).freeze_spec for q, (o, _, _) in found.items()},  # type: ignore[union-attr]
         active=tuple(current_active(model)),
     )
     added = []
@@ -276,19 +277,20 @@ def unmerge(model: nn.Module, merged: Merged) -> nn.Module:
                 owner.register_parameter("bias", None)
             else:
                 owner.bias.copy_(bias)
-    config = next(iter(undo.adapters.values())).config
-    attach(model, lambda qname, _m: qname in undo.adapters, config, name)
     for qname, owner in merged._owners.items():
         slot = slot_of(owner)
-        assert slot is not None
+        if slot is None:  # the merge emptied it: the same slot object goes back, as attach does
+            slot = undo.slots[qname]
+            owner.__class__ = adapted_class(type(owner))
+            owner._modules[SLOT] = slot
         slot[name] = undo.adapters[qname]
         order = undo.slot_order[qname]
-        modules = dict(slot._modules)
+        entries = dict(slot._modules)
         slot._modules.clear()
-        for key in [*order, *(k for k in modules if k not in order)]:
-            if key in modules:
-                slot._modules[key] = modules[key]
-        slot.freeze_spec = undo.freeze_specs[qname]
+        for key in [*order, *(k for k in entries if k not in order)]:
+            if key in entries:
+                slot._modules[key] = entries[key]
+    _disable_fast_paths(model, list(merged._owners))
     known = set(set_names(model))
     _store_active(model, tuple(e for e in undo.active
                                if set([e] if isinstance(e, str) else e.sets) <= known))
