@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
+from .fusion import AdapterFusion
 from .surgery import _check_set_name, adapted_modules, set_names
 
 _TOLERANCE = 1e-6  # how far from 1 the weights may sum (decimal weights rarely sum exactly)
@@ -67,8 +68,6 @@ class Average:
 
     def check(self, model: nn.Module) -> None:
         """Refuse sets the model lacks, and fusions (which have no branch to weigh)."""
-        from .fusion import AdapterFusion
-
         known = set_names(model)
         unknown = [s for s in self.sets if s not in known]
         if unknown:

@@ -139,7 +139,9 @@ class Route:
                 f"module '{slot.target_name}' outputs {n} rows on axis {axis} but its input "
                 f"has shape {tuple(x.shape)}: a parallel adapter there cannot be routed"
             )
-        out = hidden.clone()
+        # rows that run no set here keep the module's output; when every row runs a set, each
+        # row is written below and nothing needs copying first
+        out = torch.empty_like(hidden) if all(rows) else hidden.clone()
         for entries, index in groups:
             part = hidden.index_select(axis, index)
             inputs = () if x is None else (x.index_select(axis, index),)
