@@ -29,11 +29,14 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 @functools.cache
 def routed_gpt() -> nn.Module:
     """Sets a (sequential, both sub-layers), b (parallel, FFN only), c (sequential, attention
-    only): at each module a different subset of the sets is present."""
+    only): at each module a different subset of the sets is present; f fuses a and c."""
     model = make_gpt()
     adapterkit.inject(model, ["mha_block", "ffn_block"], SEQ, name="a")
     adapterkit.inject(model, ["ffn_block"], PAR, name="b")
     adapterkit.inject(model, ["mha_block"], SEQ, name="c")
+    adapterkit.fuse(model, ["a", "c"], name="f")
+    for fusion in adapterkit.adapters(model, "f").values():  # as if trained: not the mean
+        nn.init.normal_(fusion.query.weight, std=0.3, generator=torch.Generator().manual_seed(2))
     return model
 
 
@@ -44,7 +47,7 @@ def alone(model: nn.Module, entry: object, x: torch.Tensor) -> torch.Tensor:
 
 
 ENTRIES = [None, "a", "b", "c", ["a", "b"], ["b", "a"], ["c", "b", "a"],
-           adapterkit.average({"a": 0.25, "b": 0.75})]
+           adapterkit.average({"a": 0.25, "b": 0.75}), "f", ["f", "b"]]
 
 
 @settings(max_examples=25, deadline=None)
@@ -94,10 +97,10 @@ def test_gradients_reach_each_set_from_its_own_examples_only() -> None:
             if p.grad is not None:
                 expected[n] = expected[n] + p.grad if n in expected else p.grad
         model.zero_grad(set_to_none=True)
-    unused = [n for n in params if ".adapterkit.c." in n]
+    unused = [n for n in params if ".adapterkit.c." in n or ".adapterkit.f." in n]
     assert unused and set(expected) == set(params) - set(unused)
     for n in params:
-        if n in unused:  # set c: no example runs it
+        if n in unused:  # sets c and f: no example runs them
             assert routed_grads[n] is None, n
         else:
             close(routed_grads[n], expected[n])
@@ -148,6 +151,21 @@ def test_transformer_encoder_without_batch_first() -> None:
 
 def test_lstm_without_batch_first() -> None:
     _check_layout(nn.Sequential(nn.LSTM(E, E)), ["0"], lambda m, x: m(x)[0])
+
+
+def test_fx_mode_graph_sites() -> None:
+    model = make_gpt().eval()
+    cfg = AdapterConfig(bottleneck=4, init="normal", init_std=0.3, dropout=0.0, d_model=32)
+    gm = adapterkit.inject(model, "residual", cfg, name="a", method="fx")
+    gm = adapterkit.inject(gm, "residual", cfg, name="b", method="fx")
+    x = torch.randint(0, 61, (3, 7), generator=torch.Generator().manual_seed(8))
+    names = ["a", None, "b"]
+    with torch.no_grad(), adapterkit.routed(gm, names):
+        y = gm(x)
+    with torch.no_grad():
+        for i, entry in enumerate(names):
+            close(y[i:i + 1], alone(gm, entry, x[i:i + 1]))
+        assert not torch.allclose(y[0], y[2], atol=1e-4)
 
 
 # -- transformers' generate() ----------------------------------------------------------------
