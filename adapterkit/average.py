@@ -82,7 +82,7 @@ class Average:
     def present(self, slot: Any) -> bool:
         return any(name in slot for name in self.sets)
 
-    def output_key(self, slot: Any) -> int | str | None:
+    def output_key(self, slot: Any) -> Any:
         keys = {slot[name].config.output_key for name in self.sets if name in slot}
         if len(keys) > 1:
             raise ValueError(
@@ -91,13 +91,13 @@ class Average:
             )
         return keys.pop()
 
-    def compose(self, slot: Any, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    def delta(self, slot: Any, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         total = None
         for name, w in self.weights:
             if name in slot:
-                part = slot.branch(name, hidden, args, kwargs) * w
+                part = w * slot._delta(name, slot[name], hidden, args, kwargs)
                 total = part if total is None else total + part
-        return hidden if total is None else hidden + total
+        return torch.zeros_like(hidden) if total is None else total
 
 
 def average(weights: Mapping[str, float]) -> Average:

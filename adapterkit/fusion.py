@@ -5,7 +5,7 @@ wrap, computes (``h`` the module's output, ``b_s`` what set ``s`` alone adds to 
 
     scores_s = key(b_s) . query(h)             # one score per set, per position
     p = softmax(dropout(scores))
-    output = h + value(sum_s p_s * b_s)
+    output = h + value(sum_s p_s * b_s)        # over the feature axis of h
 
 as AdapterHub's ``BertFusion`` does (query from the module's output, keys and values from each
 adapter's branch, the residual added after; its value projection has no bias and starts at the
@@ -138,22 +138,29 @@ class AdapterFusion(nn.Module):
     def sets(self) -> tuple[str, ...]:
         return self.config.sets
 
-    def fuse(self, hidden: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
-        """``hidden`` (..., d) and the sets' ``branches`` (..., n, d) -> the fused output."""
+    def forward(self, hidden: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
+        """``hidden`` (..., d) and the sets' ``branches`` (..., n, d) -> what the fusion adds
+        to ``hidden``: ``value(sum_s p_s branch_s)``."""
         query = self.query(hidden).unsqueeze(-1)  # (..., d, 1)
         scores = (self.key(branches) @ query).squeeze(-1)  # (..., n)
         probs = torch.softmax(self.dropout(scores), dim=-1)
         context = (probs.unsqueeze(-2) @ branches).squeeze(-2)  # (..., d)
-        return hidden + self.value(context)
+        return self.value(context)
 
     # -- the composition protocol of AdapterSlot ----------------------------------------------
 
-    def output_key(self, slot: Any) -> int | str | None:
+    def output_key(self, slot: Any) -> Any:
         return self.config.output_key
 
-    def compose(self, slot: Any, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        branches = [slot.branch(name, hidden, args, kwargs) for name in self.sets]
-        return self.fuse(hidden, torch.stack(branches, dim=-2))
+    def delta(self, slot: Any, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        deltas = [slot._delta(name, slot[name], hidden, args, kwargs) for name in self.sets]
+        # the attention runs over the feature axis, which adapters of channels-first
+        # outputs (feature_dim=1) have in second place
+        dim = getattr(slot[self.sets[0]], "feature_dim", -1)
+        if dim in (-1, hidden.dim() - 1):
+            return self(hidden, torch.stack(deltas, dim=-2))
+        last = [t.movedim(dim, -1) for t in (hidden, *deltas)]
+        return self(last[0], torch.stack(last[1:], dim=-2)).movedim(-1, dim)
 
     def extra_repr(self) -> str:
         return f"sets={list(self.sets)}"

@@ -77,21 +77,19 @@ class AdapterSlot(nn.ModuleDict):
     def _adapt(
         self, name: str, adapter: Any, hidden: torch.Tensor, args: tuple, kwargs: dict
     ) -> torch.Tensor:
-        if not isinstance(adapter, Adapter):  # a composition: it runs its sets' branches
-            return adapter.compose(self, hidden, args, kwargs)
+        if not isinstance(adapter, Adapter):  # a composition: a mix of its sets' deltas
+            return hidden + self._delta(name, adapter, hidden, args, kwargs)
         self._check(name, adapter, hidden, "output")
         if adapter.config.placement == "sequential":
             return adapter(hidden)
         return hidden + adapter.branch(self._input(name, adapter, args, kwargs))
 
-    def branch(
-        self, name: str, hidden: torch.Tensor, args: tuple, kwargs: dict
-    ) -> torch.Tensor:
-        """What set ``name`` alone adds to ``hidden`` here: ``_adapt(...) - hidden``, exactly.
-
-        Fusion and output averaging weigh these contributions.
-        """
-        adapter: Adapter = self._modules[name]  # type: ignore[assignment]
+    def _delta(self, name: str, adapter: Any, hidden: torch.Tensor, args: tuple,
+               kwargs: dict) -> torch.Tensor:
+        """What an entry adds to ``hidden``: an adapter's branch, of the output or of the
+        input (``_adapt(...) - hidden``, exactly); a composition's mix of its sets' deltas."""
+        if not isinstance(adapter, Adapter):
+            return adapter.delta(self, hidden, args, kwargs)
         self._check(name, adapter, hidden, "output")
         if adapter.config.placement == "sequential":
             return adapter.branch(hidden)
