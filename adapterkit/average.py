@@ -13,6 +13,7 @@ sets must have the same targets and configs. Its inverse is ``eject(model, name)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -163,10 +164,12 @@ def _check_same(model: nn.Module, sets: tuple[str, ...]) -> dict[str, Any]:
             _check_config(first, other, mine, theirs)
             shapes = {k: v.shape for k, v in mine.state_dict().items()}
             other_shapes = {k: v.shape for k, v in theirs.state_dict().items()}
-            if shapes != other_shapes:
+            if shapes != other_shapes or getattr(mine, "feature_dim", -1) != getattr(
+                    theirs, "feature_dim", -1):
                 raise ValueError(
                     f"average_sets: at module '{key}' the adapters of '{first}' and '{other}' "
-                    f"have different shapes ({dict(shapes)} vs {dict(other_shapes)})"
+                    f"have different shapes or feature axes ({dict(shapes)} vs "
+                    f"{dict(other_shapes)})"
                 )
     return slots
 
@@ -213,14 +216,14 @@ def average_sets(model: nn.Module, weights: Mapping[str, float], name: str) -> n
     slots = _check_same(model, sets)
     new: dict[str, Adapter] = {}
     for key, slot in slots.items():
-        first: Adapter = slot[sets[0]]
-        weight = next(first.parameters())
-        adapter = Adapter(first.d_model, first.config, device=weight.device, dtype=weight.dtype)
+        adapter = copy.deepcopy(slot[sets[0]])  # the same layout, dtype, device and mode
         with torch.no_grad():
             for pname, t in adapter.state_dict().items():
-                mixed = sum(w * slot[s].state_dict()[pname].double() for s, w in pairs)
-                t.copy_(mixed)
-        new[key] = adapter.train(first.training)
+                t.copy_(sum(w * slot[s].state_dict()[pname].double() for s, w in pairs))
+        for p in adapter.parameters():  # trainable, as a freshly injected set
+            p.requires_grad_(True)
+            p.grad = None
+        new[key] = adapter
     # everything is checked and built: change the model now
     for key, slot in slots.items():
         slot[name] = new[key]

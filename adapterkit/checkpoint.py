@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import AdapterConfig, FreezeSpec
-from .fusion import AdapterFusion, FusionConfig, add_fusion, fusion_width
+from .fusion import AdapterFusion, FusionConfig, add_fusion, fusion_layout
 from .select import closest_names, select_modules
 from .surgery import (
     adapted_modules,
@@ -357,7 +357,7 @@ def _expected(
 
 def _fusion_width(slot: Any, config: FusionConfig, target: str, file: Path) -> int:
     try:
-        return fusion_width(slot, config, target)
+        return fusion_layout(slot, config, target)[0]
     except ValueError as err:
         raise AdapterFileError(
             f"{file} holds a fusion of {list(config.sets)}: {err}. Load or inject the fused "

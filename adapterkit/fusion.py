@@ -111,12 +111,14 @@ class AdapterFusion(nn.Module):
         d_model: int,
         config: FusionConfig,
         *,
+        feature_dim: int = -1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.d_model = d_model
+        self.feature_dim = feature_dim  # the fused adapters' feature axis: attention runs there
         self.query = nn.Linear(d_model, d_model, device=device, dtype=dtype)
         self.key = nn.Linear(d_model, d_model, device=device, dtype=dtype)
         self.value = nn.Linear(d_model, d_model, bias=False, device=device, dtype=dtype)
@@ -154,9 +156,7 @@ class AdapterFusion(nn.Module):
 
     def delta(self, slot: Any, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         deltas = [slot._delta(name, slot[name], hidden, args, kwargs) for name in self.sets]
-        # the attention runs over the feature axis, which adapters of channels-first
-        # outputs (feature_dim=1) have in second place
-        dim = getattr(slot[self.sets[0]], "feature_dim", -1)
+        dim = self.feature_dim  # channels-first outputs (feature_dim=1) move it last for a while
         if dim in (-1, hidden.dim() - 1):
             return self(hidden, torch.stack(deltas, dim=-2))
         last = [t.movedim(dim, -1) for t in (hidden, *deltas)]
@@ -176,9 +176,9 @@ def fusion_users(model: nn.Module) -> dict[str, tuple[str, ...]]:
     }
 
 
-def fusion_width(slot: Any, config: FusionConfig, where: str) -> int:
-    """The width of a fusion at ``slot``: that of the fused sets' adapters, which must agree and
-    adapt the same output."""
+def fusion_layout(slot: Any, config: FusionConfig, where: str) -> tuple[int, int]:
+    """``(d_model, feature_dim)`` of a fusion at ``slot``: those of the fused sets' adapters,
+    which must agree and adapt the same output."""
     missing = [s for s in config.sets if s not in slot]
     if missing:
         raise ValueError(
@@ -189,15 +189,15 @@ def fusion_width(slot: Any, config: FusionConfig, where: str) -> int:
     fused = [s for s, a in zip(config.sets, adapters, strict=True) if not isinstance(a, Adapter)]
     if fused:
         raise ValueError(f"set '{fused[0]}' is itself a fusion; fuse adapter sets only")
-    widths = {a.d_model for a in adapters}
+    layouts = {(a.d_model, getattr(a, "feature_dim", -1)) for a in adapters}
     keys = {a.config.output_key for a in adapters}
-    if len(widths) > 1 or keys != {config.output_key}:
+    if len(layouts) > 1 or keys != {config.output_key}:
         raise ValueError(
             f"at module '{where}' the sets {list(config.sets)} adapt outputs of different "
-            f"widths {sorted(widths)} or keys {sorted(map(repr, keys))}; a fusion weighs "
-            "contributions to one hidden state"
+            f"(width, feature axis) {sorted(layouts)} or keys {sorted(map(repr, keys))}; a "
+            "fusion weighs contributions to one hidden state"
         )
-    return widths.pop()
+    return layouts.pop()
 
 
 def add_fusion(model: nn.Module, name: str, config: FusionConfig, keys: Sequence[str]) -> None:
@@ -206,10 +206,10 @@ def add_fusion(model: nn.Module, name: str, config: FusionConfig, keys: Sequence
     new = {}
     for key in keys:
         slot = slots[key]
-        width = fusion_width(slot, config, key)
+        width, dim = fusion_layout(slot, config, key)
         weight = next(slot[config.sets[0]].parameters())
-        new[key] = AdapterFusion(width, config, device=weight.device, dtype=weight.dtype).train(
-            slot[config.sets[0]].training)
+        new[key] = AdapterFusion(width, config, feature_dim=dim, device=weight.device,
+                                 dtype=weight.dtype).train(slot[config.sets[0]].training)
     for key, fusion in new.items():
         slots[key][name] = fusion
 

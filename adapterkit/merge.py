@@ -104,6 +104,11 @@ def _check_module(qname: str, module: nn.Module, adapter: Adapter, name: str,
             f"cannot merge set '{name}' into '{qname}': its weight is shared with {others[0]} "
             "(tied weights), which would change too"
         )
+    if getattr(adapter, "feature_dim", -1) != -1:
+        raise ValueError(
+            f"cannot merge set '{name}' into '{qname}': its adapter mixes axis "
+            f"{adapter.feature_dim}, not the last axis that the layer's weight maps"
+        )
     out_dim, in_dim = weight.shape if kind == "linear" else weight.shape[::-1]
     parallel = adapter.config.placement == "parallel"
     if out_dim != adapter.d_model or (parallel and in_dim != adapter.d_model):
