@@ -10,14 +10,18 @@
 """
 
 from .adapter import Adapter
+from .average import Average, average, average_sets
 from .checkpoint import load_adapters, save_adapters
 from .config import AdapterConfig, FreezeSpec
 from .freeze import FreezeReport, freeze, trainable_parameters
+from .fusion import AdapterFusion, FusionConfig, fuse
 from .fx import calls
 from .lifecycle import active, adapters, disabled, eject, inject, set_active
+from .merge import Merged, merge, unmerge
 from .plan import Plan, PlanRow, plan
 from .presets import auto_targets
 from .report import Summary, summary
+from .routing import routed
 from .training import TwoPhaseResult, train_two_phase
 
 __version__ = "0.1.0"
@@ -25,8 +29,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "AdapterConfig",
+    "AdapterFusion",
+    "Average",
     "FreezeReport",
     "FreezeSpec",
+    "FusionConfig",
+    "Merged",
     "Plan",
     "PlanRow",
     "Summary",
@@ -34,16 +42,22 @@ __all__ = [
     "active",
     "adapters",
     "auto_targets",
+    "average",
+    "average_sets",
     "calls",
     "disabled",
     "eject",
     "freeze",
+    "fuse",
     "inject",
     "load_adapters",
+    "merge",
     "plan",
+    "routed",
     "save_adapters",
     "set_active",
     "summary",
     "train_two_phase",
     "trainable_parameters",
+    "unmerge",
 ]

@@ -21,6 +21,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import AdapterConfig, FreezeSpec
+from .fusion import AdapterFusion, FusionConfig, add_fusion, fusion_layout
 from .layout import Layout, infer_layout
 from .select import closest_names
 from .surgery import (
@@ -35,7 +36,9 @@ from .surgery import (
 )
 
 FORMAT = "adapterkit"
-FORMAT_VERSION = 2  # 2 added "layouts"
+# 2 added "layouts"; 3 added fusion sets. A file is written with the oldest version that
+# holds it (3 for a fusion, else 2), so that older readers keep reading plain sets.
+FORMAT_VERSION = 3
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _FIELDS = {"format", "format_version", "name", "config", "targets", "include", "freeze", "base"}
@@ -44,6 +47,16 @@ _OPTIONAL = {"layouts"}  # absent from version 1 files: the layouts are inferred
 
 class AdapterFileError(ValueError):
     """An adapter directory that cannot be loaded into this model; the message says why."""
+
+
+def _config_json(config: AdapterConfig | FusionConfig) -> dict[str, Any]:
+    return {"fusion": config.to_dict()} if isinstance(config, FusionConfig) else config.to_dict()
+
+
+def _config_from_json(data: object) -> AdapterConfig | FusionConfig:
+    if isinstance(data, dict) and set(data) == {"fusion"}:
+        return FusionConfig.from_dict(data["fusion"])
+    return AdapterConfig.from_dict(data)  # type: ignore[arg-type]
 
 
 # -- what a set looks like in a model ------------------------------------------------------
@@ -137,9 +150,9 @@ def save_adapters(
     spec = next((slot.freeze_spec for _, _, slot in adapted_modules(model) if name in slot), None)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 3 if isinstance(first_adapter, AdapterFusion) else 2,
         "name": name,
-        "config": first_adapter.config.to_dict(),
+        "config": _config_json(first_adapter.config),
         "targets": list(found),
         # each adapter's width and feature axis: found by inject, maybe on example_inputs
         "layouts": {key: {"d_model": a.d_model, "feature_dim": a.feature_dim}
@@ -256,7 +269,7 @@ def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"expected exactly {sorted(_FIELDS)}"
         )
     try:
-        meta["config"] = AdapterConfig.from_dict(meta["config"])
+        meta["config"] = _config_from_json(meta["config"])
         meta["freeze"] = None if meta["freeze"] is None else FreezeSpec.from_dict(meta["freeze"])
     except (TypeError, ValueError) as err:
         raise AdapterFileError(f"{file}: {err}") from None
@@ -366,6 +379,10 @@ def _layouts(model: nn.Module, meta: dict, name: str, targets: dict[str, nn.Modu
         )
     if existing:
         return {t: Layout(a.d_model, a.feature_dim) for t, (_, a) in existing.items()}
+    if isinstance(meta["config"], FusionConfig):  # a fusion takes the layout of its sets
+        slots = {key: slot for key, _, slot in adapted_modules(model)}
+        return {t: Layout(*_fusion_layout(slots.get(t, {}), meta["config"], t, file))
+                for t in targets}
     if meta["layouts"] is not None:
         return meta["layouts"]
     return {t: infer_layout(m, meta["config"], t, model) for t, m in targets.items()}
@@ -374,14 +391,25 @@ def _layouts(model: nn.Module, meta: dict, name: str, targets: dict[str, nn.Modu
 def _expected(
     model: nn.Module, meta: dict, layouts: dict[str, Layout], file: Path
 ) -> dict[str, torch.Size]:
-    config: AdapterConfig = meta["config"]
+    config: AdapterConfig | FusionConfig = meta["config"]
+    make = AdapterFusion if isinstance(config, FusionConfig) else Adapter
     shapes: dict[str, torch.Size] = {}
     for target, layout in layouts.items():
-        probe = Adapter(layout.d_model, config, device="meta")
+        probe = make(layout.d_model, config, device="meta")  # type: ignore[arg-type]
         shapes |= {f"adapters.{target}.{k}": v.shape for k, v in probe.state_dict().items()}
     for mname, module in _saved_includes(model, meta["include"], file).items():
         shapes |= {f"modules.{mname}.{k}": v.shape for k, v in module.state_dict().items()}
     return shapes
+
+
+def _fusion_layout(slot: Any, config: FusionConfig, target: str, file: Path) -> tuple[int, int]:
+    try:
+        return fusion_layout(slot, config, target)
+    except ValueError as err:
+        raise AdapterFileError(
+            f"{file} holds a fusion of {list(config.sets)}: {err}. Load or inject the fused "
+            "sets first, under those names"
+        ) from None
 
 
 def load_adapters(
@@ -392,7 +420,8 @@ def load_adapters(
     ``name`` renames the set (default: the saved name). Weights are cast to the dtype and
     device of the adapters they load into. Every check (format, config, base fingerprint,
     keys, shapes) runs before the model changes; on any error the model is as it was.
-    Under ``torch.distributed``, load into the unsharded model, then wrap it.
+    Under ``torch.distributed``, load into the unsharded model, then wrap it. A fusion set
+    (``fuse``) loads onto the slots of its fused sets, which must be in the model already.
 
     Example:
         >>> import tempfile, torch, adapterkit
@@ -414,7 +443,8 @@ def load_adapters(
     tensors = _read_tensors(path)
     name = meta["name"] if name is None else name
     file = path / WEIGHTS_FILE
-    _check_graph(model, meta, name, path / CONFIG_FILE)
+    if not isinstance(meta["config"], FusionConfig):  # a fusion sits on its sets' slots
+        _check_graph(model, meta, name, path / CONFIG_FILE)
     _check_unsharded(model, path)
     targets = _check_base(model, meta, path / CONFIG_FILE)
     layouts = _layouts(model, meta, name, targets, path / CONFIG_FILE)
@@ -431,7 +461,9 @@ def load_adapters(
             f"{file} does not fit this model: " + "; ".join(p for p in parts if p)
             + ". Load it into the model and config it was saved from"
         )
-    if not _set_slots(model, name):
+    if not _set_slots(model, name) and isinstance(meta["config"], FusionConfig):
+        add_fusion(model, name, meta["config"], list(targets))
+    elif not _set_slots(model, name):
         attach(model, lambda qname, _m: qname in targets, meta["config"], name,
                layouts=layouts)
     with torch.no_grad():

@@ -9,7 +9,9 @@ from typing import Literal
 from torch import nn
 
 from .adapter import Adapter
+from .average import Average
 from .config import AdapterConfig
+from .fusion import AdapterFusion, fusion_users
 from .select import Targets
 from .surgery import adapted_modules, attach, current_active, detach, set_names, store_active
 
@@ -90,19 +92,39 @@ def eject(model: nn.Module, name: str | None = None) -> nn.Module:
         >>> type(model[0]) is nn.Linear, list(model.state_dict()) == keys
         (True, True)
     """
+    known = set_names(model)
+    if name is not None:
+        if name not in known:
+            raise ValueError(f"no adapter set named {name!r}; injected sets: {known}")
+        check_unused(model, [name], "eject")
     if getattr(model, "_adapterkit_fx_base", None) is not None:  # made by method="fx"
         from .fx import eject_fx
 
         return eject_fx(model, name)
-    known = set_names(model)
-    if name is not None and name not in known:
-        raise ValueError(f"no adapter set named {name!r}; injected sets: {known}")
     detach(model, known if name is None else [name])
     return model
 
 
-def adapters(model: nn.Module, name: str | None = None) -> dict[str, Adapter]:
-    """The injected adapters, keyed by the qualified name of the module each one wraps.
+def check_unused(model: nn.Module, names: Sequence[str], verb: str) -> None:
+    """Refuse to remove sets that a fusion, or an active composition, still uses."""
+    drop = set(names)
+    for fusion, sets in fusion_users(model).items():
+        used = [s for s in sets if s in drop]
+        if used and fusion not in drop:
+            raise ValueError(
+                f"cannot {verb} set '{used[0]}': fusion '{fusion}' fuses it; "
+                f"eject(model, '{fusion}') first"
+            )
+    for entry in current_active(model):
+        if not isinstance(entry, str) and drop & set(entry.sets):
+            raise ValueError(
+                f"cannot {verb} set '{sorted(drop & set(entry.sets))[0]}': the active {entry} "
+                "uses it; set_active(model, [...]) without it first"
+            )
+
+
+def adapters(model: nn.Module, name: str | None = None) -> dict[str, Adapter | AdapterFusion]:
+    """The injected adapters (and fusions), keyed by the qualified name of the wrapped module.
 
     With ``name``, only that set's. Without, every set's; when the model holds several sets,
     each key carries its set as a suffix: ``decoder_blocks.0.mha_block[a]``.
@@ -111,7 +133,7 @@ def adapters(model: nn.Module, name: str | None = None) -> dict[str, Adapter]:
     if name is not None and name not in known:
         raise ValueError(f"no adapter set named {name!r}; injected sets: {known}")
     tag = name is None and len(known) > 1
-    found: dict[str, Adapter] = {}
+    found: dict[str, Adapter | AdapterFusion] = {}
     for qname, _, slot in adapted_modules(model):
         for set_name, adapter in slot.items():
             if name is None or set_name == name:
@@ -119,13 +141,34 @@ def adapters(model: nn.Module, name: str | None = None) -> dict[str, Adapter]:
     return found
 
 
-def active(model: nn.Module) -> list[str]:
+# What the active list holds: set names, and compositions of sets (``average(...)``).
+Entry = str | Average
+
+
+def as_entries(names: Entry | Sequence[Entry] | None) -> list[Entry]:
+    """``names`` as a list of active-list entries; None is the base model (no entry)."""
+    if names is None:
+        return []
+    if isinstance(names, (str, Average)):
+        return [names]
+    if not isinstance(names, Sequence):
+        raise TypeError(f"give a set name, average(...) or a list of them, got {names!r}")
+    bad = [n for n in names if not isinstance(n, (str, Average))]
+    if bad:
+        raise TypeError(f"an active entry is a set name or average(...), got {bad[0]!r}")
+    return list(names)
+
+
+def active(model: nn.Module) -> list[Entry]:
     """The active sets, in the order they are applied on a module that holds several."""
     return current_active(model)
 
 
-def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+def set_active(model: nn.Module, names: Entry | Sequence[Entry]) -> None:
     """Make exactly ``names`` active, applied in that order; ``[]`` runs the base model.
+
+    An entry is a set name (an adapter set or a fusion) or an output average of sets,
+    ``average({"a": 0.7, "b": 0.3})`` (see ``docs/composition.md``).
 
     Example:
         >>> import adapterkit
@@ -136,7 +179,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
         >>> adapterkit.set_active(model, ["b"]); adapterkit.active(model)
         ['b']
     """
-    store_active(model, [names] if isinstance(names, str) else list(names))
+    store_active(model, as_entries(names))
 
 
 @contextmanager

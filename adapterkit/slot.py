@@ -45,24 +45,46 @@ class AdapterSlot(nn.ModuleDict):
         super().__init__()
         self.target_name = target_name  # for error messages only
         self.rnn = rnn
-        # The model-wide list of active sets; every slot holds the same tuple and applies
-        # those of its own adapters that it names, in that order.
-        self.active: tuple[str, ...] = ()
+        # The model-wide list of active sets (and compositions, such as average(...)); every
+        # slot holds the same tuple and applies those of its own adapters that it names, in
+        # that order.
+        self.active: tuple[Any, ...] = ()
         self.freeze_spec: FreezeSpec | None = None  # the last spec applied, saved with sets
+        self.route: Any = None  # set inside adapterkit.routed(): a routing.Route
 
     def run(self, output: Any, args: tuple, kwargs: dict) -> Any:
-        for name in self.active:
-            adapter = self._modules.get(name)
-            if adapter is not None:
-                output = self._apply_one(name, adapter, output, args, kwargs)
+        if self.route is not None:  # adapterkit.routed(): each example its own sets
+            return self.route.run(self, output, args, kwargs)
+        return self.apply_entries(self.active, output, args, kwargs)
+
+    def apply_entries(self, entries: tuple, output: Any, args: tuple, kwargs: dict) -> Any:
+        """Apply ``entries`` (set names, or compositions such as ``average(...)``) in order;
+        an entry with nothing at this module passes the output through."""
+        for entry in entries:
+            module = self.entry(entry)
+            if module is not None:
+                output = self._apply_one(str(entry), module, output, args, kwargs)
         return output
 
+    def entry(self, entry: Any) -> Any:
+        """What runs ``entry`` here: its ``Adapter`` or fusion module, a composition that has
+        a set here, or None."""
+        if isinstance(entry, str):
+            return self._modules.get(entry)
+        return entry if entry.present(self) else None
+
+    def output_key(self, adapter: Any) -> Any:
+        """The ``output_key`` an entry adapts: an adapter's own, a composition's sets'."""
+        if isinstance(adapter, Adapter):
+            return adapter.config.output_key
+        return adapter.output_key(self)
+
     def _apply_one(
-        self, name: str, adapter: Adapter, output: Any, args: tuple, kwargs: dict
+        self, name: str, adapter: Any, output: Any, args: tuple, kwargs: dict
     ) -> Any:
         if self.rnn is not None and not isinstance(output, TENSOR_LIKE):
             return self._apply_rnn(name, adapter, output, args, kwargs)
-        path = find_hidden(output, adapter.config.output_key, self.target_name)
+        path = find_hidden(output, self.output_key(adapter), self.target_name)
         if path is None:
             raise ValueError(
                 f"module '{self.target_name}' returned {type(output).__name__} with no tensor "
@@ -73,9 +95,12 @@ class AdapterSlot(nn.ModuleDict):
         return replace_path(output, path, hidden + self._delta(name, adapter, hidden, args,
                                                                kwargs))
 
-    def _delta(self, name: str, adapter: Adapter, hidden: torch.Tensor, args: tuple,
+    def _delta(self, name: str, adapter: Any, hidden: torch.Tensor, args: tuple,
                kwargs: dict) -> torch.Tensor:
-        """What the adapter adds to ``hidden``: its branch, of the output or of the input."""
+        """What an entry adds to ``hidden``: an adapter's branch, of the output or of the
+        input; a composition's (fusion, average) mix of its sets' deltas."""
+        if not isinstance(adapter, Adapter):
+            return adapter.delta(self, hidden, args, kwargs)
         self._check(name, adapter, hidden, "output")
         if adapter.config.placement == "sequential":
             return adapter.branch(hidden)
@@ -95,7 +120,7 @@ class AdapterSlot(nn.ModuleDict):
             )
         return adapter.branch(x)
 
-    def _apply_rnn(self, name: str, adapter: Adapter, output: Any, args: tuple,
+    def _apply_rnn(self, name: str, adapter: Any, output: Any, args: tuple,
                    kwargs: dict) -> Any:
         """Adapt an RNN's output sequence, and add the same change to the last layer's final
         state, which is that sequence's last step (the backward direction's first)."""

@@ -481,11 +481,15 @@ def _store_active(model: nn.Module, active: tuple[str, ...]) -> None:
         slot.active = active
 
 
-def store_active(model: nn.Module, names: list[str]) -> None:
+def store_active(model: nn.Module, names: list[Any]) -> None:
+    """Make ``names`` active: set names, or compositions (average.py) that check their sets."""
     known = set_names(model)
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if isinstance(n, str) and n not in known]
     if unknown:
         raise ValueError(f"no adapter set named {unknown}; injected sets: {known}")
     if len(set(names)) != len(names):
         raise ValueError(f"each set may be active once, got {names}")
+    for entry in names:
+        if not isinstance(entry, str):
+            entry.check(model)
     _store_active(model, tuple(names))

@@ -1,0 +1,265 @@
+"""AdapterFusion (Pfeiffer et al. 2021): a learned attention over several sets' contributions.
+
+``fuse(model, ["a", "b", "c"], name="f")`` adds a set ``f`` that, at every module all three sets
+wrap, computes (``h`` the module's output, ``b_s`` what set ``s`` alone adds to it)::
+
+    scores_s = key(b_s) . query(h)             # one score per set, per position
+    p = softmax(dropout(scores))
+    output = h + value(sum_s p_s * b_s)        # over the feature axis of h
+
+as AdapterHub's ``BertFusion`` does (query from the module's output, keys and values from each
+adapter's branch, the residual added after; its value projection has no bias and starts at the
+identity). One deliberate difference: the query projection starts at zero, so every score is 0,
+the softmax is uniform and, with the identity value projection, a new fusion computes exactly
+the mean of the fused sets' outputs, ``h + mean_s b_s``. The key projection is not zeroed
+(N(0, 0.02), AdapterHub's init): with both zero neither would ever get a gradient. Since the
+value projection is linear and has no bias, applying it after the weighted sum equals applying
+it to each branch first (AdapterHub's ``value_before_softmax``), at a fraction of the cost.
+
+A fusion is a set like any other: ``freeze(train=["adapters:f"])`` trains its parameters only,
+``set_active`` / ``disabled`` switch it, ``save_adapters`` / ``load_adapters`` keep it (the fused
+sets must be in the model it loads into), ``eject`` removes it. A set that a fusion uses cannot
+be ejected while the fusion is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import Adapter
+from .surgery import _check_set_name, adapted_modules, set_names
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """What a fusion set fuses, and how its attention starts.
+
+    Example:
+        >>> FusionConfig(sets=("a", "b")).to_dict()
+        {'sets': ['a', 'b'], 'dropout': 0.0, 'key_init_std': 0.02, 'output_key': None}
+        >>> FusionConfig(sets=("a",))
+        Traceback (most recent call last):
+        ...
+        ValueError: FusionConfig.sets must name at least two different sets, got ('a',)
+    """
+
+    sets: tuple[str, ...]
+    dropout: float = 0.0  # on the attention scores, as AdapterHub's attention_probs_dropout_prob
+    # std of the key projection's initial weights (AdapterHub's init_bert_weights: 0.02); 0
+    # would leave query and key without a gradient for ever, since the query starts at zero
+    key_init_std: float = 0.02
+    output_key: int | str | None = None  # the fused sets' output_key: what they all adapt
+
+    def __post_init__(self) -> None:
+        sets = self.sets
+        if isinstance(sets, str) or not isinstance(sets, (list, tuple)):
+            raise ValueError(f"FusionConfig.sets must be a list of set names, got {sets!r}")
+        object.__setattr__(self, "sets", tuple(sets))
+        distinct = set(sets)
+        if not all(isinstance(s, str) for s in sets) or len(distinct) < 2 or len(distinct) != len(
+                sets):
+            raise ValueError(
+                f"FusionConfig.sets must name at least two different sets, got {self.sets!r}"
+            )
+        for field, value in (("dropout", self.dropout), ("key_init_std", self.key_init_std)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value):
+                raise ValueError(f"FusionConfig.{field} must be a finite number, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"FusionConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.key_init_std <= 0:
+            raise ValueError(
+                f"FusionConfig.key_init_std must be > 0, got {self.key_init_std}: the query "
+                "starts at zero, and with a zero key too neither would ever get a gradient"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "sets": list(self.sets)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FusionConfig:
+        """Build from a dict, refusing fields this version does not know."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a FusionConfig must be a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown FusionConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class AdapterFusion(nn.Module):
+    """The fusion layer at one module; it lives in the module's slot under the fusion's name.
+
+    Example:
+        >>> fusion = AdapterFusion(8, FusionConfig(sets=("a", "b")))
+        >>> bool(fusion.query.weight.abs().sum() == 0), bool(fusion.key.weight.abs().sum() > 0)
+        (True, True)
+        >>> bool(torch.equal(fusion.value.weight, torch.eye(8)))
+        True
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        config: FusionConfig,
+        *,
+        feature_dim: int = -1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.d_model = d_model
+        self.feature_dim = feature_dim  # the fused adapters' feature axis: attention runs there
+        self.query = nn.Linear(d_model, d_model, device=device, dtype=dtype)
+        self.key = nn.Linear(d_model, d_model, device=device, dtype=dtype)
+        self.value = nn.Linear(d_model, d_model, bias=False, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(config.dropout)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Query zero, key N(0, key_init_std), value the identity: the exact mean at init."""
+        if self.query.weight.is_meta:
+            return  # a shape probe (load_adapters): nothing to initialise
+        nn.init.zeros_(self.query.weight)
+        nn.init.zeros_(self.query.bias)
+        nn.init.normal_(self.key.weight, std=self.config.key_init_std)
+        nn.init.zeros_(self.key.bias)
+        self.value.weight.copy_(torch.eye(self.d_model))
+
+    @property
+    def sets(self) -> tuple[str, ...]:
+        return self.config.sets
+
+    def forward(self, hidden: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
+        """``hidden`` (..., d) and the sets' ``branches`` (..., n, d) -> what the fusion adds
+        to ``hidden``: ``value(sum_s p_s branch_s)``."""
+        query = self.query(hidden).unsqueeze(-1)  # (..., d, 1)
+        scores = (self.key(branches) @ query).squeeze(-1)  # (..., n)
+        probs = torch.softmax(self.dropout(scores), dim=-1)
+        context = (probs.unsqueeze(-2) @ branches).squeeze(-2)  # (..., d)
+        return self.value(context)
+
+    # -- the composition protocol of AdapterSlot ----------------------------------------------
+
+    def output_key(self, slot: Any) -> Any:
+        return self.config.output_key
+
+    def delta(self, slot: Any, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        deltas = [slot._delta(name, slot[name], hidden, args, kwargs) for name in self.sets]
+        dim = self.feature_dim  # channels-first outputs (feature_dim=1) move it last for a while
+        if dim in (-1, hidden.dim() - 1):
+            return self(hidden, torch.stack(deltas, dim=-2))
+        last = [t.movedim(dim, -1) for t in (hidden, *deltas)]
+        return self(last[0], torch.stack(last[1:], dim=-2)).movedim(-1, dim)
+
+    def extra_repr(self) -> str:
+        return f"sets={list(self.sets)}"
+
+
+def fusion_users(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """``{fusion set: the sets it fuses}`` for every fusion in the model."""
+    return {
+        name: entry.sets
+        for _, _, slot in adapted_modules(model)
+        for name, entry in slot.items()
+        if isinstance(entry, AdapterFusion)
+    }
+
+
+def fusion_layout(slot: Any, config: FusionConfig, where: str) -> tuple[int, int]:
+    """``(d_model, feature_dim)`` of a fusion at ``slot``: those of the fused sets' adapters,
+    which must agree and adapt the same output."""
+    missing = [s for s in config.sets if s not in slot]
+    if missing:
+        raise ValueError(
+            f"module '{where}' holds no adapter of set(s) {missing}; a fusion sits only where "
+            f"all of {list(config.sets)} are injected"
+        )
+    adapters = [slot[s] for s in config.sets]
+    fused = [s for s, a in zip(config.sets, adapters, strict=True) if not isinstance(a, Adapter)]
+    if fused:
+        raise ValueError(f"set '{fused[0]}' is itself a fusion; fuse adapter sets only")
+    layouts = {(a.d_model, getattr(a, "feature_dim", -1)) for a in adapters}
+    keys = {a.config.output_key for a in adapters}
+    if len(layouts) > 1 or keys != {config.output_key}:
+        raise ValueError(
+            f"at module '{where}' the sets {list(config.sets)} adapt outputs of different "
+            f"(width, feature axis) {sorted(layouts)} or keys {sorted(map(repr, keys))}; a "
+            "fusion weighs contributions to one hidden state"
+        )
+    return layouts.pop()
+
+
+def add_fusion(model: nn.Module, name: str, config: FusionConfig, keys: Sequence[str]) -> None:
+    """Put a new fusion ``name`` at the slots ``keys``; all checks first, then the change."""
+    slots = {key: slot for key, _, slot in adapted_modules(model)}
+    new = {}
+    for key in keys:
+        slot = slots[key]
+        width, dim = fusion_layout(slot, config, key)
+        weight = next(slot[config.sets[0]].parameters())
+        new[key] = AdapterFusion(width, config, feature_dim=dim, device=weight.device,
+                                 dtype=weight.dtype).train(slot[config.sets[0]].training)
+    for key, fusion in new.items():
+        slots[key][name] = fusion
+
+
+def fuse(
+    model: nn.Module, sets: Sequence[str], name: str = "fusion", *, dropout: float = 0.0
+) -> nn.Module:
+    """Add fusion set ``name`` over ``sets`` at every module that all of them wrap.
+
+    The fusion starts as the exact mean of the fused sets' outputs. It is not active until
+    ``set_active(model, name)``; train it alone with ``freeze(model, train=["adapters:NAME"])``
+    (the fused sets stay frozen). Refused, before the model changes: fewer than two sets, an
+    unknown set, a set that is itself a fusion, sets that adapt different outputs, no module
+    that all the sets wrap.
+
+    Example:
+        >>> import torch, adapterkit
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+        >>> cfg = adapterkit.AdapterConfig(bottleneck=4, init="normal", init_std=0.5)
+        >>> for name in ["a", "b"]:
+        ...     _ = adapterkit.inject(model, ["0"], cfg, name=name)
+        >>> x, outputs = torch.randn(3, 8), []
+        >>> for name in ["a", "b"]:
+        ...     adapterkit.set_active(model, name)
+        ...     outputs.append(model(x))
+        >>> _ = adapterkit.fuse(model, ["a", "b"], name="f")
+        >>> adapterkit.set_active(model, "f")
+        >>> torch.allclose(model(x), (outputs[0] + outputs[1]) / 2, atol=1e-6)  # the mean
+        True
+        >>> report = adapterkit.freeze(model, train=["adapters:f"])
+        >>> sorted({n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad})
+        ['f']
+    """
+    if isinstance(sets, str):
+        raise ValueError(f"fuse takes a list of set names, got the string {sets!r}")
+    known = set_names(model)
+    unknown = [s for s in sets if s not in known]
+    if unknown:
+        raise ValueError(f"fuse: no adapter set named {unknown}; injected sets: {known}")
+    _check_set_name(model, name)
+    where = {key: slot for key, _, slot in adapted_modules(model)}
+    keys = [key for key, slot in where.items() if all(s in slot for s in sets)]
+    first = next((slot[s] for slot in where.values() for s in sets if s in slot), None)
+    key = first.config.output_key if isinstance(first, Adapter) else None
+    config = FusionConfig(sets=tuple(sets), dropout=dropout, output_key=key)
+    if not keys:
+        wraps = {s: [k for k, slot in where.items() if s in slot][:3] for s in sets}
+        raise ValueError(
+            f"fuse: no module is wrapped by all of {list(sets)} (they wrap {wraps}); a fusion "
+            "sits where every fused set is injected"
+        )
+    add_fusion(model, name, config, keys)
+    return model
