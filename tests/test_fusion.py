@@ -10,7 +10,7 @@ from torch import nn
 
 import adapterkit
 from adapterkit import AdapterConfig, AdapterFusion
-from adapterkit.checkpoint import AdapterFileError
+from adapterkit.checkpoint import FORMAT_VERSION, AdapterFileError
 from tests.conftest import assert_same, make_gpt, snapshot
 
 SETS = ["a", "b", "c"]
@@ -124,7 +124,8 @@ def test_save_and_load_onto_a_fresh_base(tmp_path, tokens: torch.Tensor) -> None
     for name in [*SETS, "f"]:
         adapterkit.save_adapters(model, tmp_path / name, name)
     meta = json.loads((tmp_path / "f" / "adapter_config.json").read_text())
-    assert meta["format_version"] == 2 and meta["config"]["fusion"]["sets"] == SETS
+    # the newest version: the one that added fusion sets
+    assert meta["format_version"] == FORMAT_VERSION and meta["config"]["fusion"]["sets"] == SETS
 
     fresh = make_gpt().eval()
     before = snapshot(fresh)

@@ -153,6 +153,25 @@ def test_lstm_without_batch_first() -> None:
     _check_layout(nn.Sequential(nn.LSTM(E, E)), ["0"], lambda m, x: m(x)[0])
 
 
+def test_lstm_final_states_are_routed_with_the_sequence() -> None:
+    model = nn.LSTM(E, E, num_layers=2)
+    torch.manual_seed(0)
+    for name in ["a", "b"]:
+        adapterkit.inject(model, nn.LSTM, AdapterConfig(bottleneck=4, init="normal",
+                                                        init_std=0.3, dropout=0.0), name=name)
+    x = torch.randn(S, N, E, generator=torch.Generator().manual_seed(5))
+    names = ["a", None, "b", ["a", "b"]]
+    with torch.no_grad(), adapterkit.routed(model, names):
+        seq, (h_n, c_n) = model(x)
+    with torch.no_grad():
+        for i, entry in enumerate(names):
+            adapterkit.set_active(model, [] if entry is None else entry)
+            one_seq, (one_h, one_c) = model(x[:, i:i + 1])
+            close(seq[:, i:i + 1], one_seq)
+            close(h_n[:, i:i + 1], one_h)
+            close(c_n[:, i:i + 1], one_c)
+
+
 def test_fx_mode_graph_sites() -> None:
     model = make_gpt().eval()
     cfg = AdapterConfig(bottleneck=4, init="normal", init_std=0.3, dropout=0.0, d_model=32)
