@@ -172,3 +172,15 @@ def test_fusion_where_only_some_modules_hold_every_set(tokens: torch.Tensor) -> 
 def test_zero_key_init_is_refused() -> None:
     with pytest.raises(ValueError, match="neither would ever get a gradient"):
         adapterkit.FusionConfig(sets=("a", "b"), key_init_std=0.0)
+
+
+def test_compiled_model_runs_fusion_and_average_like_eager(tokens: torch.Tensor) -> None:
+    torch._dynamo.reset()
+    model = with_sets(make_gpt().eval())
+    adapterkit.fuse(model, SETS, name="f")
+    for fusion in adapterkit.adapters(model, "f").values():
+        nn.init.normal_(fusion.query.weight, std=0.3)
+    compiled = torch.compile(model, backend="aot_eager")
+    for entry in ["f", adapterkit.average({"a": 0.2, "c": 0.8}), ["a", "f"]]:
+        adapterkit.set_active(model, entry)
+        close(compiled(tokens), model(tokens))

@@ -315,3 +315,15 @@ def test_tracing_inside_routed_is_refused() -> None:
     with pytest.raises(TypeError, match="traced inside routed"):
         with adapterkit.routed(model, ["a"]):
             torch.fx.symbolic_trace(model)
+
+
+def test_compiled_model_follows_the_routing(tokens: torch.Tensor) -> None:
+    torch._dynamo.reset()
+    model = routed_gpt().eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    for names in [["a", None, "b"], [["b", "a"], "f", None]]:
+        with torch.no_grad(), adapterkit.routed(model, names):
+            close(compiled(tokens), model(tokens))
+    with torch.no_grad():
+        adapterkit.set_active(model, ["c"])
+        close(compiled(tokens), model(tokens))  # no routing left in the compiled graph
