@@ -33,6 +33,17 @@ import adapterkit
 
 SETS = ["s0", "s1", "s2", "s3"]
 TARGET = 1.15
+READING = (
+    "Reading: what routing adds to a forward with one set is, at each wrapped module, a gather "
+    "(`index_select`) and a write-back (`index_copy_`) of each group's rows of the output, and "
+    "the four sets' adapters running on 8 rows each instead of one adapter on 32 (the same "
+    "multiply-adds); beyond that, the gap between the two columns moves from run to run with "
+    "the load of the other jobs on this machine (see the load average), which is why both the "
+    "wall-clock and the CPU-time ratios are given. On a CPU, four forwards of 8 examples cost "
+    "about what one forward of 32 costs (the matmuls are compute-bound either way), so here "
+    "routing buys one call for a mixed batch at the cost of about one forward, not a speed-up "
+    "over separate forwards.\n"
+)
 
 
 def build(kind: str, quick: bool) -> torch.nn.Module:
@@ -119,7 +130,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=32, help="tokens per example")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 is steadier on a shared machine")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rounds = 2 if args.quick else args.rounds
     rows, notes = [], []
     load_before = Path("/proc/loadavg").read_text().split()[:3]
@@ -151,14 +166,16 @@ def main() -> None:
     body = (
         f"Batch {args.batch} x {args.seq} tokens; example i runs set i % 4 of four sets on "
         "`targets=\"auto\"` (bottleneck 64, GELU, sequential); eval mode, `inference_mode`; "
-        f"{rounds} interleaved rounds, times are medians, ratios medians of per-round ratios. "
+        f"{torch.get_num_threads()} thread(s); {rounds} interleaved rounds, times are medians, "
+        "ratios medians of per-round ratios. "
         f"Target: routed / one set <= {TARGET}. Load average (1, 5, 15 min) before: "
         f"{' '.join(load_before)}, after: {' '.join(load_after)} (a 2-core machine shared with "
         "other jobs).\n\n"
         + common.table(header, rows) + "\n\n"
         + "Largest difference of the routed outputs (last hidden state) from unrouted forwards: "
         + "; ".join(notes) + ". The second is the base model's own rounding: its matmuls round a "
-        "row differently in a batch of 8 than in a batch of 32.\n"
+        "row differently in a batch of 8 than in a batch of 32.\n\n"
+        + READING
     )
     print(body)
     if not args.quick:

@@ -198,3 +198,15 @@ def test_fusion_of_channels_first_adapters_attends_over_channels() -> None:
                           for s in ["a", "b"]], dim=-2)  # (N, H, W, 2, C)
     expected = h + fusion(h.movedim(-3, -1), deltas).movedim(-1, -3)
     close(model[0](x), expected)
+
+
+def test_compiled_model_runs_fusion_and_average_like_eager(tokens: torch.Tensor) -> None:
+    torch._dynamo.reset()
+    model = with_sets(make_gpt().eval())
+    adapterkit.fuse(model, SETS, name="f")
+    for fusion in adapterkit.adapters(model, "f").values():
+        nn.init.normal_(fusion.query.weight, std=0.3)
+    compiled = torch.compile(model, backend="aot_eager")
+    for entry in ["f", adapterkit.average({"a": 0.2, "c": 0.8}), ["a", "f"]]:
+        adapterkit.set_active(model, entry)
+        close(compiled(tokens), model(tokens))
