@@ -78,7 +78,8 @@ def test_adapter_formula_with_scaling_and_normal_init():
     h = torch.randn(3, 16)
     expected = h + 0.5 * adapter.up(torch.tanh(adapter.down(h)))
     assert torch.allclose(adapter(h), expected)
-    with pytest.raises(ValueError, match=r"inputs of size d_model=16 on axis -1, got shape \(3, 8\)"):
+    with pytest.raises(ValueError,
+                       match=r"inputs of size d_model=16 on axis -1, got shape \(3, 8\)"):
         adapter(torch.randn(3, 8))
 
 

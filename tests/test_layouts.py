@@ -313,7 +313,7 @@ def test_a_module_is_selected_by_any_of_its_names_and_wrapped_once(tmp_path) -> 
     assert list(adapterkit.adapters(both)) == ["block"]
 
 
-# -- files -------------------------------------------------------------------------------------------
+# -- files ------------------------------------------------------------------------------------
 
 
 def test_a_version_1_file_without_layouts_still_loads(tmp_path) -> None:
