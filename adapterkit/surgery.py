@@ -434,7 +434,8 @@ def attach(
         raise
     _disable_fast_paths(model, list(resolved))
     _store_active(model, active)
-    model.__dict__.setdefault(_NORM_COUNTS, _norm_counts(model))
+    if _NORM_COUNTS not in model.__dict__:
+        model.__dict__[_NORM_COUNTS] = _norm_counts(model)
     return list(resolved)
 
 
