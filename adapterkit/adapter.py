@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .guards import NEEDS_INIT
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
@@ -24,6 +28,13 @@ class Adapter(nn.Module):
         >>> h = torch.randn(2, 5, 32)
         >>> bool(torch.equal(adapter.eval()(h), h))  # zero init: the exact identity
         True
+
+    With ``config.dtype`` set, the weights are made in that dtype and keep it through
+    ``model.to(dtype)`` / ``.half()``; the input is cast to it and the result cast back:
+
+        >>> adapter = Adapter(32, AdapterConfig(dtype="float32"), dtype=torch.bfloat16)
+        >>> adapter.down.weight.dtype, adapter(h.bfloat16()).dtype
+        (torch.float32, torch.bfloat16)
     """
 
     def __init__(
@@ -38,6 +49,7 @@ class Adapter(nn.Module):
         config = config or AdapterConfig()
         self.config = config
         self.d_model = d_model
+        dtype = config.torch_dtype or dtype
         bottleneck = config.bottleneck_for(d_model)
         self.down = nn.Linear(d_model, bottleneck, device=device, dtype=dtype)
         self.act = _ACTIVATIONS[config.activation]()
@@ -45,6 +57,13 @@ class Adapter(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.scaling = config.scaling
         self.reset_up()
+        # Made on meta, the weights hold nothing yet: the first real forward refuses to run
+        # until reset_adapters / load_adapters / load_state_dict set them (see guards.py).
+        self.__dict__[NEEDS_INIT] = self.down.weight.is_meta
+        # transformers' init_weights() initialises every module without this flag; after
+        # inject it would overwrite the adapters (a non-zero up: no longer the identity).
+        for module in self.modules():
+            module.__dict__["_is_hf_initialized"] = True
 
     @torch.no_grad()
     def reset_up(self) -> None:
@@ -55,20 +74,64 @@ class Adapter(nn.Module):
             nn.init.normal_(self.up.weight, std=self.config.init_std)
         nn.init.zeros_(self.up.bias)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise as at construction: ``down`` as ``nn.Linear`` does, ``up`` as the config
+        says. In place, so that an optimizer over these parameters stays valid."""
+        self.down.reset_parameters()
+        self.reset_up()
+        self.__dict__[NEEDS_INIT] = False
+
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution alone: ``scaling * dropout(up(act(down(x))))``."""
-        if not isinstance(x, torch.fx.Proxy) and x.shape[-1] != self.d_model:
+        """The adapter's contribution alone: ``scaling * dropout(up(act(down(x))))``.
+
+        Computed in the adapter's dtype and returned in ``x``'s.
+        """
+        if isinstance(x, torch.fx.Proxy):  # being traced: no shape or dtype to look at
+            if self.config.dtype is None:
+                return self._branch(x)
+            return self._branch(x.to(self.config.torch_dtype)).to(x)
+        if x.shape[-1] != self.d_model:
             raise ValueError(
                 f"adapter expects inputs whose last dimension is d_model={self.d_model}, "
                 f"got shape {tuple(x.shape)}; pass AdapterConfig(d_model=...) matching the "
                 "wrapped module's output"
             )
+        dtype = self.down.weight.dtype
+        if x.dtype == dtype or not x.is_floating_point():
+            return self._branch(x)
+        return self._branch(x.to(dtype)).to(x.dtype)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dropout(self.up(self.act(self.down(x))))
         return y if self.scaling == 1.0 else y * self.scaling
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.branch(h)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        # With config.dtype set, model.to(torch.bfloat16) / .half() move the adapter but keep
+        # its dtype: casting there and back would round away what float32 weights are for.
+        # What fn does is learnt from an empty tensor, since fn may also move or re-allocate.
+        want = self.config.torch_dtype
+        if want is None:
+            return super()._apply(fn, recurse)
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            probe = fn(t.new_empty(0))
+            if t.dtype == want and probe.dtype != want and probe.is_floating_point():
+                return t.to(device=probe.device)
+            return fn(t)
+
+        return super()._apply(keep_dtype, recurse)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        if all(prefix + key in state_dict for key, _ in self.named_parameters()):
+            self.__dict__[NEEDS_INIT] = False  # every weight of this adapter is being loaded
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         c = self.config
-        return f"placement={c.placement}, scaling={c.scaling}"
+        extra = "" if c.dtype is None else f", dtype={c.dtype}"
+        return f"placement={c.placement}, scaling={c.scaling}{extra}"

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import guards
 from .adapter import Adapter
 from .config import FreezeSpec
 
@@ -56,6 +57,8 @@ class AdapterSlot(nn.ModuleDict):
         self, name: str, adapter: Adapter, hidden: torch.Tensor, args: tuple, kwargs: dict
     ) -> torch.Tensor:
         self._check(name, adapter, hidden, "output")
+        if not isinstance(hidden, torch.fx.Proxy):
+            guards.check_forward(self.target_name, name, adapter, hidden)
         if adapter.config.placement == "sequential":
             return adapter(hidden)
         x = first_tensor(args, kwargs)

@@ -405,6 +405,9 @@ def attach(
         raise
     _disable_fast_paths(model, list(chosen))
     _store_active(model, active)
+    from .integrations import pretrained  # transformers models: save_pretrained keeps adapters
+
+    pretrained.install_save_hook(model)
     return list(chosen)
 
 
@@ -436,6 +439,10 @@ def detach(model: nn.Module, names: Collection[str]) -> None:
             module.__class__ = module._adapterkit_base  # type: ignore[attr-defined]
     _restore_fast_paths(model)
     _store_active(model, tuple(n for n in current_active(model) if n not in drop))
+    if not set_names(model):
+        from .integrations import pretrained
+
+        pretrained.remove_hooks(model)
 
 
 def current_active(model: nn.Module) -> list[str]:

@@ -1,0 +1,99 @@
+"""transformers' ``Trainer`` with adapters: ``AdapterCheckpointCallback``.
+
+Needs the ``hf`` extra (``transformers``, and ``accelerate`` for ``Trainer``). The engine never
+imports this module; what adapterkit does to a transformers model on its own
+(``save_pretrained`` keeps the adapters, gradients under reentrant checkpointing) is in
+``adapterkit.integrations.pretrained``. See ``docs/transformers.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..bundle import SUBDIR, _read_index, is_bundle, save_bundle
+from ..checkpoint import load_adapters
+from ..surgery import set_names
+
+__all__ = ["AdapterCheckpointCallback"]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class AdapterCheckpointCallback(TrainerCallback):
+    """Save the adapters at every ``Trainer`` checkpoint and at the end; restore on resume.
+
+    At each checkpoint every adapter set goes to ``<output_dir>/checkpoint-<step>/adapterkit/``
+    and, when training ends, to ``<output_dir>/adapterkit/`` (with ``save_adapters``; the
+    layout is in ``docs/format.md``). The modules that ``include`` selects, such as a
+    classifier trained beside the adapters, are saved with set ``name``. Either folder loads
+    back with ``adapterkit.load_adapters(model, folder_above_adapterkit)``.
+
+    When ``trainer.train(resume_from_checkpoint=...)`` resumes from such a checkpoint, the
+    adapters (and included modules) are loaded back from it in place, so the optimizer's
+    parameters stay the model's. At the start of training the model must already hold set
+    ``name`` (and every set in the checkpoint): adapters injected later would be outside the
+    optimizer and never train, so that is an error.
+
+    Example:
+        >>> import tempfile, torch, transformers, adapterkit
+        >>> from pathlib import Path
+        >>> from adapterkit.integrations.transformers import AdapterCheckpointCallback
+        >>> config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+        ...                                  num_attention_heads=2, intermediate_size=32)
+        >>> model = adapterkit.inject(transformers.BertForSequenceClassification(config), "auto")
+        >>> _ = adapterkit.freeze(model, train=["adapters", "classifier"])
+        >>> data = [{"input_ids": torch.randint(0, 50, (8,)), "labels": torch.tensor(i % 2)}
+        ...         for i in range(8)]
+        >>> args = transformers.TrainingArguments(tempfile.mkdtemp(), max_steps=2, save_steps=1,
+        ...                                       report_to=[], use_cpu=True, disable_tqdm=True)
+        >>> trainer = transformers.Trainer(model, args, train_dataset=data, callbacks=[
+        ...     AdapterCheckpointCallback(include=["classifier"])])
+        >>> trainer.remove_callback(transformers.PrinterCallback)  # quiet, for this doctest
+        >>> _ = trainer.train()
+        >>> sorted(p.name for p in (Path(args.output_dir) / "checkpoint-2" / "adapterkit").iterdir())
+        ['default', 'sets.json']
+    """
+
+    def __init__(self, name: str = "default", include: Sequence[str] = ()) -> None:
+        self.name = name
+        self.include = (include,) if isinstance(include, str) else tuple(include)
+
+    def _save(self, model: nn.Module, directory: Path) -> None:
+        save_bundle(_unwrap(model), directory, {self.name: self.include})
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, model: nn.Module | None = None,
+                       **kwargs: Any) -> None:
+        model = _unwrap(model)  # type: ignore[arg-type]
+        held = set_names(model)
+        if self.name not in held:
+            raise ValueError(
+                f"AdapterCheckpointCallback saves set {self.name!r}, but the model holds "
+                f"{held}: inject (or load_adapters) before creating the Trainer, so that "
+                "the optimizer gets the adapters"
+            )
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.global_step > 0 and is_bundle(checkpoint):  # resuming from a checkpoint
+            missing = [s for s in _read_index(checkpoint / SUBDIR)["sets"] if s not in held]
+            if missing:
+                raise ValueError(
+                    f"{checkpoint} holds adapter sets {missing} that the model lacks; inject "
+                    "them before creating the Trainer, so that the optimizer gets them"
+                )
+            load_adapters(model, checkpoint)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                model: nn.Module | None = None, **kwargs: Any) -> None:
+        self._save(model, Path(args.output_dir) / f"checkpoint-{state.global_step}")  # type: ignore[arg-type]
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState,
+                     control: TrainerControl, model: nn.Module | None = None,
+                     **kwargs: Any) -> None:
+        self._save(model, Path(args.output_dir))  # type: ignore[arg-type]
