@@ -88,7 +88,9 @@ def _check_reentrant_checkpoint(target: str, name: str, adapter: nn.Module) -> N
         "they come from a frozen embedding), so its output carries no gradient and the "
         "adapter would never learn. Use use_reentrant=False, or make the checkpoint's input "
         "require grad: for a transformers model, adapterkit.freeze(model, ...) does this; "
-        "otherwise a forward hook on the embedding that returns output.requires_grad_()"
+        "otherwise a forward hook on the embedding that returns output.requires_grad_(). "
+        "(For a forward without gradients, call model.eval() first, or skip the checkpoint "
+        "when torch.is_grad_enabled() is False, as transformers' layers do.)"
     )
 
 

@@ -57,7 +57,8 @@ class AdapterCheckpointCallback(TrainerCallback):
         ...     AdapterCheckpointCallback(include=["classifier"])])
         >>> trainer.remove_callback(transformers.PrinterCallback)  # quiet, for this doctest
         >>> _ = trainer.train()
-        >>> sorted(p.name for p in (Path(args.output_dir) / "checkpoint-2" / "adapterkit").iterdir())
+        >>> saved = Path(args.output_dir) / "checkpoint-2" / "adapterkit"
+        >>> sorted(p.name for p in saved.iterdir())
         ['default', 'sets.json']
     """
 
