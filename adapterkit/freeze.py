@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import FreezeSpec
-from .guards import quantized_message, quantized_weights, where
+from .guards import is_quantized, quantized_message, quantized_weights, where
 from .integrations import pretrained
 from .report import format_table, percent
 from .select import compile_selector, no_match_error
@@ -72,12 +72,20 @@ def select_parameters(model: nn.Module, entry: str) -> set[int]:
 
 
 def _check_not_quantized(model: nn.Module, keep: set[int]) -> None:
+    """A quantized weight gets no gradient: refuse to call it trainable."""
     for key, _, slot in adapted_modules(model):
         for set_name, adapter in slot.items():
             names = quantized_weights(adapter)
             if names and any(id(p) in keep for p in adapter.parameters()):
                 raise ValueError(quantized_message(where(key, set_name), names,
                                                    "and this spec would train it"))
+    for name, p in model.named_parameters():
+        if id(p) in keep and is_quantized(p):
+            raise ValueError(
+                f"parameter '{name}' is quantized ({type(p).__name__}) and this spec would "
+                "train it, but a quantized weight gets no gradient: leave it out of quantize_ "
+                "(its filter_fn) or out of train"
+            )
 
 
 def _warn_inactive(model: nn.Module) -> None:

@@ -42,6 +42,7 @@ def test_float32_adapters_on_a_low_precision_base_are_the_identity_at_init(base_
 def test_dtype_accepts_a_torch_dtype_and_stores_its_name():
     assert AdapterConfig(dtype=torch.float32) == AdapterConfig(dtype="float32")
     assert AdapterConfig(dtype=torch.half).to_dict()["dtype"] == "float16"
+    assert AdapterConfig(dtype="float").dtype == "float32"  # torch.float's canonical name
     assert AdapterConfig().dtype is None
     with pytest.raises(ValueError, match="AdapterConfig.dtype must be a floating torch.dtype"):
         AdapterConfig(dtype=torch.int8)
