@@ -184,6 +184,21 @@ def test_trainer_checkpoints_hold_the_adapters_and_a_resume_equals_the_uninterru
         torch.testing.assert_close(got[k], expected[k], msg=k)
 
 
+def test_resume_never_loads_another_runs_checkpoint_of_the_same_step(tmp_path):
+    full = trainer(tmp_path / "a")
+    full.train()
+    expected = trained_state(full.model)
+    other = trainer(tmp_path / "b", learning_rate=3e-2, max_steps=2)
+    other.train()  # another run, with its own checkpoint-2
+    # resume run a's checkpoint-2 with output_dir b: the callback finds b/checkpoint-2, whose
+    # run id is not the one the Trainer restored, and leaves it alone
+    resumed = trainer(tmp_path / "b")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    got = trained_state(resumed.model)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], msg=k)
+
+
 def test_trainer_refuses_a_model_without_the_set_it_saves(tmp_path):
     with pytest.raises(ValueError, match=r"\(or load_adapters\) before creating the Trainer"):
         trainer(tmp_path, model=bert_cls()).train()
