@@ -115,11 +115,14 @@ def quantized_message(where: str, names: list[str], what: str) -> str:
 
 
 def _check_not_quantized(target: str, name: str, adapter: nn.Module) -> None:
-    down = adapter.down.weight  # type: ignore[union-attr]
-    up = adapter.up.weight  # type: ignore[union-attr]
-    if type(down) in (torch.Tensor, nn.Parameter) and type(up) in (torch.Tensor, nn.Parameter) \
-            and down.is_floating_point() and up.is_floating_point():
-        return  # the ordinary case, decided without a look at every parameter
+    # Runs at every training forward: read the weights from the dicts, since each attribute
+    # look-up through nn.Module.__getattr__ costs about a microsecond.
+    modules = adapter._modules
+    down = modules["down"]._parameters["weight"]  # type: ignore[index,union-attr]
+    up = modules["up"]._parameters["weight"]  # type: ignore[index,union-attr]
+    if (type(down) is nn.Parameter and type(up) is nn.Parameter
+            and down.is_floating_point() and up.is_floating_point()):
+        return  # the ordinary case: plain floating-point parameters
     names = quantized_weights(adapter)
     if names and _trainable(adapter):
         message = quantized_message(where(target, name), names, "yet it is being trained")
