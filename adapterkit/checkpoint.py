@@ -22,7 +22,7 @@ from torch import nn
 from .adapter import Adapter
 from .config import AdapterConfig, FreezeSpec
 from .guards import NEEDS_INIT
-from .reset import materialize, real_device
+from .reset import check_not_meta, materialize
 from .select import closest_names, select_modules
 from .surgery import (
     adapted_modules,
@@ -347,16 +347,6 @@ def _expected(
     return shapes
 
 
-def _check_not_meta(model: nn.Module, targets: dict[str, nn.Module], path: Path) -> None:
-    on_meta = [name for name, module in targets.items() if real_device(module, model) is None]
-    if on_meta:
-        raise ValueError(
-            f"cannot load {path} into a model on the meta device (module '{on_meta[0]}' has no "
-            "memory): the weights would be lost at to_empty. Call model.to_empty(device=...) "
-            "and load the base weights first, then load_adapters"
-        )
-
-
 def load_adapters(
     model: nn.Module, path: str | os.PathLike[str], name: str | None = None
 ) -> nn.Module:
@@ -408,7 +398,7 @@ def load_adapters(
             f"{file} does not fit this model: " + "; ".join(p for p in parts if p)
             + ". Load it into the model and config it was saved from"
         )
-    _check_not_meta(model, targets, path)
+    check_not_meta(model, targets, f"cannot load {path}")
     if not _set_slots(model, name):
         attach(model, lambda qname, _m: qname in targets, meta["config"], name)
     materialize(model, name)  # adapters made on meta before to_empty: give them memory

@@ -38,6 +38,18 @@ def _selected(model: nn.Module, name: str | None) -> list[tuple[nn.Module, Adapt
     ]
 
 
+def check_not_meta(model: nn.Module, modules: dict[str, nn.Module], what: str) -> None:
+    """Refuse ``what`` (e.g. loading adapters) when one of ``modules`` is all on ``meta``:
+    weights put there now would be lost at ``to_empty``."""
+    on_meta = [name for name, module in modules.items() if real_device(module, model) is None]
+    if on_meta:
+        raise ValueError(
+            f"{what} into a model on the meta device (module '{on_meta[0]}' has no memory): "
+            "the weights would be lost at to_empty. Call model.to_empty(device=...) and load "
+            "the base weights first"
+        )
+
+
 def materialize(model: nn.Module, name: str | None = None) -> None:
     """Give adapters still on ``meta`` real, uninitialised memory where their module lives.
 

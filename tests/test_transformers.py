@@ -137,7 +137,7 @@ def dataset() -> list[dict[str, torch.Tensor]]:
              "labels": torch.tensor(i % 3)} for i in range(16)]
 
 
-def trainer(output_dir: Path, model=None, **overrides):
+def trainer(output_dir: Path, model=None, include=("classifier",), **overrides):
     if model is None:
         model = adapterkit.inject(bert_cls(), "auto", adapterkit.AdapterConfig(bottleneck=8,
                                                                                dropout=0.0))
@@ -146,7 +146,7 @@ def trainer(output_dir: Path, model=None, **overrides):
                     report_to=[], use_cpu=True, disable_tqdm=True, seed=0, logging_strategy="no")
     args = t.TrainingArguments(str(output_dir), **{**settings, **overrides})
     tr = t.Trainer(model, args, train_dataset=dataset(),
-                   callbacks=[AdapterCheckpointCallback(include=["classifier"])])
+                   callbacks=[AdapterCheckpointCallback(include=include)])
     tr.remove_callback(t.PrinterCallback)
     return tr
 
@@ -202,6 +202,8 @@ def test_resume_never_loads_another_runs_checkpoint_of_the_same_step(tmp_path):
 def test_trainer_refuses_a_model_without_the_set_it_saves(tmp_path):
     with pytest.raises(ValueError, match=r"\(or load_adapters\) before creating the Trainer"):
         trainer(tmp_path, model=bert_cls()).train()
+    with pytest.raises(ValueError, match="no module matches 'classifer'; closest: classifier"):
+        trainer(tmp_path, include=["classifer"]).train()  # at the start, not at the first save
 
 
 def test_trainer_save_model_writes_a_folder_from_pretrained_and_load_adapters_restore(tmp_path):

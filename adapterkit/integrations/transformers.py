@@ -19,7 +19,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from ..bundle import SUBDIR, _read_index, is_bundle, save_bundle
-from ..checkpoint import load_adapters
+from ..checkpoint import _included, load_adapters
 from ..surgery import set_names
 
 __all__ = ["AdapterCheckpointCallback"]
@@ -118,6 +118,7 @@ class AdapterCheckpointCallback(TrainerCallback, ExportableState):
                 f"{held}: inject (or load_adapters) before creating the Trainer, so that "
                 "the optimizer gets the adapters"
             )
+        _included(model, self.include)  # a name that selects nothing fails now, not at a save
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.global_step > 0 and is_bundle(checkpoint) and _resumed_from(checkpoint, state):
             missing = [s for s in _read_index(checkpoint / SUBDIR)["sets"] if s not in held]
