@@ -223,7 +223,8 @@ def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(
-            f"{file} not found; give a directory written by adapterkit.save_adapters"
+            f"{file} not found; give a directory written by adapterkit.save_adapters, or a "
+            "model folder whose save_pretrained held adapters (it has adapterkit/sets.json)"
         )
     try:
         meta = json.loads(file.read_text())
