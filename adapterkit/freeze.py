@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import FreezeSpec
@@ -111,6 +112,29 @@ def _entries(value: Sequence[str] | str) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _warn_low_precision(model: nn.Module) -> None:
+    low = sorted({
+        (set_name, str(p.dtype).removeprefix("torch."))
+        for _, _, slot in adapted_modules(model) for set_name, adapter in slot.items()
+        if adapter.config.dtype is None  # an explicit dtype is a choice: no warning
+        for p in adapter.parameters() if p.requires_grad and p.dtype in _LOW_PRECISION
+    })
+    if low:
+        sets = sorted({s for s, _ in low})
+        dtypes = sorted({d for _, d in low})
+        warnings.warn(
+            f"freeze made the adapters of set(s) {sets} trainable in {', '.join(dtypes)} (the "
+            "wrapped modules' dtype): optimizer updates below half a step of that dtype are "
+            "lost, as most are at small learning rates. Inject with "
+            "AdapterConfig(dtype='float32') to train them in float32 (or give the low dtype "
+            "explicitly to keep it)",
+            stacklevel=3,
+        )
+
+
 def freeze(
     model: nn.Module,
     spec: FreezeSpec | dict | None = None,
@@ -124,7 +148,9 @@ def freeze(
     entries, or one entry as a string). Entries of ``freeze`` win over ``train``. An entry
     that selects nothing, or adapter weights that a quantization library replaced, is an
     error raised before anything changes. Making an inactive set trainable warns (its
-    parameters get no gradient, which DistributedDataParallel refuses).
+    parameters get no gradient, which DistributedDataParallel refuses), and so does making
+    bfloat16 / float16 adapters trainable without an explicit ``AdapterConfig.dtype`` (small
+    updates to them are lost).
 
     On a transformers model with frozen input embeddings, trainable adapters also get the
     embeddings' output to require grad while gradient checkpointing is on, so that a
@@ -171,6 +197,7 @@ def freeze(
                          for p in slot.parameters())
     pretrained.require_input_grads(model, adapters_train)
     _warn_inactive(model)
+    _warn_low_precision(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return FreezeReport(spec, tuple(frozen), tuple(unfrozen), trainable, total)

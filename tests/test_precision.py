@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -69,12 +70,26 @@ def _one_step_unchanged_fraction(config: AdapterConfig, tokens: torch.Tensor) ->
 def test_small_updates_survive_in_float32_where_bfloat16_weights_lose_them(tokens):
     # a non-zero up, so that down gets a gradient in the first step
     config = AdapterConfig(bottleneck=8, dropout=0.0, init="normal", init_std=0.01)
-    lost = _one_step_unchanged_fraction(config, tokens)
+    with pytest.warns(UserWarning, match="trainable in bfloat16"):
+        lost = _one_step_unchanged_fraction(config, tokens)
     kept = _one_step_unchanged_fraction(dataclasses.replace(config, dtype="float32"), tokens)
     # Measured: bfloat16 adapters leave about 83% of the entries unchanged (a 1e-4 step is
     # below half an ulp of most of them); float32 adapters change all of them.
     assert lost > 0.5, lost
     assert kept < 0.01, kept
+
+
+def test_freeze_warns_about_low_precision_adapters_unless_the_dtype_was_chosen():
+    model = adapterkit.inject(low_precision_gpt(), TARGETS, AdapterConfig(bottleneck=8))
+    with pytest.warns(UserWarning, match=r"set\(s\) \['default'\] trainable in bfloat16.*"
+                      r"AdapterConfig\(dtype='float32'\)"):
+        adapterkit.freeze(model, train=["adapters"])
+    for dtype in ("float32", "bfloat16"):
+        chosen = adapterkit.inject(low_precision_gpt(), TARGETS,
+                                   AdapterConfig(bottleneck=8, dtype=dtype))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            adapterkit.freeze(chosen, train=["adapters"])
 
 
 def test_model_to_low_precision_keeps_the_adapters_dtype(tokens):
