@@ -18,6 +18,7 @@ from .lifecycle import active, adapters, disabled, eject, inject, set_active
 from .plan import Plan, PlanRow, plan
 from .presets import auto_targets
 from .report import Summary, summary
+from .reset import reset_adapters
 from .training import TwoPhaseResult, train_two_phase
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "inject",
     "load_adapters",
     "plan",
+    "reset_adapters",
     "save_adapters",
     "set_active",
     "summary",

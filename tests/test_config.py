@@ -27,6 +27,7 @@ from adapterkit import Adapter, AdapterConfig, FreezeSpec
         ({"init_std": -1.0}, "init_std"),
         ({"d_model": 0}, "d_model"),
         ({"output_key": 1.5}, "output_key"),
+        ({"dtype": "int8"}, "dtype"),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_field(kwargs, field):
