@@ -21,7 +21,11 @@ from .merge import Merged, merge, unmerge
 from .plan import Plan, PlanRow, plan
 from .presets import auto_targets
 from .report import Summary, summary
+<<<<<<< HEAD
 from .routing import routed
+=======
+from .reset import reset_adapters
+>>>>>>> mainref2
 from .training import TwoPhaseResult, train_two_phase
 
 __version__ = "0.1.0"
@@ -53,7 +57,11 @@ __all__ = [
     "load_adapters",
     "merge",
     "plan",
+<<<<<<< HEAD
     "routed",
+=======
+    "reset_adapters",
+>>>>>>> mainref2
     "save_adapters",
     "set_active",
     "summary",

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .guards import NEEDS_INIT
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
@@ -32,6 +36,13 @@ class Adapter(nn.Module):
         >>> conv_adapter = Adapter(16, AdapterConfig(bottleneck=4), feature_dim=1)
         >>> conv_adapter(torch.randn(2, 16, 7, 5)).shape  # (N, C, H, W): C is mixed
         torch.Size([2, 16, 7, 5])
+
+    With ``config.dtype`` set, the weights are made in that dtype and keep it through
+    ``model.to(dtype)`` / ``.half()``; the input is cast to it and the result cast back:
+
+        >>> adapter = Adapter(32, AdapterConfig(dtype="float32"), dtype=torch.bfloat16)
+        >>> adapter.down.weight.dtype, adapter(h.bfloat16()).dtype
+        (torch.float32, torch.bfloat16)
     """
 
     def __init__(
@@ -48,6 +59,7 @@ class Adapter(nn.Module):
         self.config = config
         self.d_model = d_model
         self.feature_dim = feature_dim
+        dtype = config.torch_dtype or dtype
         bottleneck = config.bottleneck_for(d_model)
         self.down = nn.Linear(d_model, bottleneck, device=device, dtype=dtype)
         self.act = _ACTIVATIONS[config.activation]()
@@ -55,6 +67,13 @@ class Adapter(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.scaling = config.scaling
         self.reset_up()
+        # Made on meta, the weights hold nothing yet: the first real forward refuses to run
+        # until reset_adapters / load_adapters / load_state_dict set them (see guards.py).
+        self.__dict__[NEEDS_INIT] = self.down.weight.is_meta
+        # transformers' init_weights() initialises every module without this flag; after
+        # inject it would overwrite the adapters (a non-zero up: no longer the identity).
+        for module in self.modules():
+            module.__dict__["_is_hf_initialized"] = True
 
     @torch.no_grad()
     def reset_up(self) -> None:
@@ -65,8 +84,19 @@ class Adapter(nn.Module):
             nn.init.normal_(self.up.weight, std=self.config.init_std)
         nn.init.zeros_(self.up.bias)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise as at construction: ``down`` as ``nn.Linear`` does, ``up`` as the config
+        says. In place, so that an optimizer over these parameters stays valid."""
+        self.down.reset_parameters()
+        self.reset_up()
+        self.__dict__[NEEDS_INIT] = False
+
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution alone: ``scaling * dropout(up(act(down(x))))``."""
+        """The adapter's contribution alone: ``scaling * dropout(up(act(down(x))))``.
+
+        Computed in the adapter's dtype and returned in ``x``'s.
+        """
         dim = self.feature_dim
         if not isinstance(x, torch.fx.Proxy) and not (
             -x.dim() <= dim < x.dim() and x.shape[dim] == self.d_model
@@ -76,6 +106,17 @@ class Adapter(nn.Module):
                 f"shape {tuple(x.shape)}; pass AdapterConfig(d_model=..., feature_dim=...) "
                 "matching the wrapped module's output"
             )
+        if isinstance(x, torch.fx.Proxy):  # being traced: no dtype to look at
+            if self.config.dtype is None:
+                return self._branch(x)
+            return self._branch(x.to(self.config.torch_dtype)).to(x)
+        dtype = self.down.weight.dtype
+        if x.dtype == dtype or not x.is_floating_point():
+            return self._branch(x)
+        return self._branch(x.to(dtype)).to(x.dtype)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        dim = self.feature_dim
         last = dim == -1 or (not isinstance(x, torch.fx.Proxy) and dim == x.dim() - 1)
         if not last:
             x = x.movedim(dim, -1)
@@ -87,7 +128,30 @@ class Adapter(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.branch(h)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        # With config.dtype set, model.to(torch.bfloat16) / .half() move the adapter but keep
+        # its dtype: casting there and back would round away what float32 weights are for.
+        # What fn does is learnt from an empty tensor, since fn may also move or re-allocate.
+        want = self.config.torch_dtype
+        if want is None:
+            return super()._apply(fn, recurse)
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            probe = fn(t.new_empty(0))
+            if t.dtype == want and probe.dtype != want and probe.is_floating_point():
+                return t.to(device=probe.device)
+            return fn(t)
+
+        return super()._apply(keep_dtype, recurse)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        if all(prefix + key in state_dict for key, _ in self.named_parameters()):
+            self.__dict__[NEEDS_INIT] = False  # every weight of this adapter is being loaded
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         c = self.config
         axis = "" if self.feature_dim == -1 else f", feature_dim={self.feature_dim}"
-        return f"placement={c.placement}, scaling={c.scaling}{axis}"
+        dtype = "" if c.dtype is None else f", dtype={c.dtype}"
+        return f"placement={c.placement}, scaling={c.scaling}{axis}{dtype}"

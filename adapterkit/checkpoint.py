@@ -21,8 +21,13 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import AdapterConfig, FreezeSpec
+<<<<<<< HEAD
 from .fusion import AdapterFusion, FusionConfig, add_fusion, fusion_layout
+=======
+from .guards import NEEDS_INIT
+>>>>>>> mainref2
 from .layout import Layout, infer_layout
+from .reset import check_not_meta, materialize
 from .select import closest_names
 from .surgery import (
     adapted_modules,
@@ -103,33 +108,10 @@ def _saved_includes(model: nn.Module, names: list[str], file: Path) -> dict[str,
 # -- save -----------------------------------------------------------------------------------
 
 
-def save_adapters(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    name: str = "default",
-    include: Sequence[str] = (),
-) -> Path:
-    """Write adapter set ``name`` (and the modules ``include`` selects) to directory ``path``.
-
-    The directory gets ``adapter_config.json`` and ``adapter_model.safetensors``. The write
-    goes to a temporary directory first and is renamed into place, so an interrupted save
-    leaves an earlier save at ``path`` intact. A directory at ``path`` that holds other
-    files is refused rather than replaced.
-
-    Under ``torch.distributed`` every rank must call it (sharded tensors are gathered);
-    rank 0 writes, and every rank returns once the files are written. A
-    ``DistributedDataParallel`` wrapper is seen through: its ``.module`` is saved.
-
-    Example:
-        >>> import tempfile, torch, adapterkit
-        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
-        >>> _ = adapterkit.inject(model, ["0"], adapterkit.AdapterConfig(bottleneck=4))
-        >>> out = adapterkit.save_adapters(model, tempfile.mkdtemp() + "/a", include=["1"])
-        >>> sorted(p.name for p in out.iterdir())
-        ['adapter_config.json', 'adapter_model.safetensors']
-    """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module  # so that names and base class are those of the model itself
+def collect(
+    model: nn.Module, name: str, include: Sequence[str] = ()
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """What ``save_adapters`` writes for set ``name``: the config JSON and the tensors."""
     found = _set_slots(model, name)
     if not found:
         raise ValueError(f"no adapter set named {name!r} to save; injected sets: "
@@ -168,9 +150,40 @@ def save_adapters(
             **({"graph": True} if getattr(model, "_adapterkit_fx_base", None) is not None else {}),
         },
     }
+    return meta, tensors
+
+
+def save_adapters(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    name: str = "default",
+    include: Sequence[str] = (),
+) -> Path:
+    """Write adapter set ``name`` (and the modules ``include`` selects) to directory ``path``.
+
+    The directory gets ``adapter_config.json`` and ``adapter_model.safetensors``. The write
+    goes to a temporary directory first and is renamed into place, so an interrupted save
+    leaves an earlier save at ``path`` intact. A directory at ``path`` that holds other
+    files is refused rather than replaced.
+
+    Under ``torch.distributed`` every rank must call it (sharded tensors are gathered);
+    rank 0 writes, and every rank returns once the files are written. A
+    ``DistributedDataParallel`` wrapper is seen through: its ``.module`` is saved.
+
+    Example:
+        >>> import tempfile, torch, adapterkit
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> _ = adapterkit.inject(model, ["0"], adapterkit.AdapterConfig(bottleneck=4))
+        >>> out = adapterkit.save_adapters(model, tempfile.mkdtemp() + "/a", include=["1"])
+        >>> sorted(p.name for p in out.iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # so that names and base class are those of the model itself
+    meta, tensors = collect(model, name, include)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return _write_on_rank_zero(Path(path), meta, tensors)
-    return _write_atomically(Path(path), meta, tensors)
+    return write_atomically(Path(path), meta, tensors)
 
 
 def _check_norms(model: nn.Module, included: dict[str, nn.Module]) -> None:
@@ -194,7 +207,7 @@ def _write_on_rank_zero(path: Path, meta: dict, tensors: dict[str, torch.Tensor]
     error: BaseException | None = None
     if dist.get_rank() == 0:
         try:
-            _write_atomically(path, meta, tensors)
+            write_atomically(path, meta, tensors)
         except Exception as err:  # re-raised below, once every rank knows
             error = err
     status = [None if error is None else f"{type(error).__name__}: {error}"]
@@ -206,7 +219,7 @@ def _write_on_rank_zero(path: Path, meta: dict, tensors: dict[str, torch.Tensor]
     return path
 
 
-def _write_atomically(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
+def write_atomically(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
     ours = {CONFIG_FILE, WEIGHTS_FILE}
     if path.exists():
         if not path.is_dir():
@@ -246,7 +259,8 @@ def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(
-            f"{file} not found; give a directory written by adapterkit.save_adapters"
+            f"{file} not found; give a directory written by adapterkit.save_adapters, or a "
+            "model folder whose save_pretrained held adapters (it has adapterkit/sets.json)"
         )
     try:
         meta = json.loads(file.read_text())
@@ -439,6 +453,11 @@ def load_adapters(
         True
     """
     path = Path(path)
+    if not (path / CONFIG_FILE).exists():
+        from .bundle import is_bundle, load_bundle
+
+        if is_bundle(path):
+            return load_bundle(model, path, name)  # a folder written by save_pretrained
     meta = read_adapter_config(path)
     tensors = _read_tensors(path)
     name = meta["name"] if name is None else name
@@ -461,15 +480,22 @@ def load_adapters(
             f"{file} does not fit this model: " + "; ".join(p for p in parts if p)
             + ". Load it into the model and config it was saved from"
         )
+<<<<<<< HEAD
     if not _set_slots(model, name) and isinstance(meta["config"], FusionConfig):
         add_fusion(model, name, meta["config"], list(targets))
     elif not _set_slots(model, name):
+=======
+    check_not_meta(model, targets, f"cannot load {path}")
+    if not _set_slots(model, name):
+>>>>>>> mainref2
         attach(model, lambda qname, _m: qname in targets, meta["config"], name,
                layouts=layouts)
+    materialize(model, name)  # adapters made on meta before to_empty: give them memory
     with torch.no_grad():
         for target, (_, adapter) in _set_slots(model, name).items():
             for k, t in adapter.state_dict().items():
                 t.copy_(tensors[f"adapters.{target}.{k}"])
+            adapter.__dict__[NEEDS_INIT] = False
         for mname, module in _saved_includes(model, meta["include"], file).items():
             for k, t in module.state_dict().items():
                 t.copy_(tensors[f"modules.{mname}.{k}"])

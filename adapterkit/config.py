@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+import torch
+
 Activation = Literal["gelu", "relu", "silu", "tanh", "identity"]
 Placement = Literal["sequential", "parallel"]
 Init = Literal["zeros", "normal"]
@@ -24,6 +26,20 @@ def _check_choice(name: str, value: object, kind: Any) -> None:
     choices = get_args(kind)
     if value not in choices:
         raise ValueError(f"AdapterConfig.{name} must be one of {choices}, got {value!r}")
+
+
+def _dtype_name(value: object) -> str | None:
+    """``value`` (a floating ``torch.dtype`` or its name, such as ``"float32"``) as its name."""
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.") if isinstance(value, (torch.dtype, str)) else None
+    dtype = getattr(torch, name, None) if name else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            "AdapterConfig.dtype must be a floating torch.dtype or its name (e.g. torch.float32, "
+            f"'float32', 'bfloat16'), or None for the wrapped module's dtype; got {value!r}"
+        )
+    return str(dtype).removeprefix("torch.")  # the canonical name: "half" -> "float16"
 
 
 def _check_number(name: str, value: object, *, integer: bool = False) -> None:
@@ -74,8 +90,14 @@ class AdapterConfig:
     # namedtuple / dataclass field, or a path of those into nested outputs ((1, 0) is an
     # LSTM's h_n). None: the first tensor found.
     output_key: OutputKey | None = None
+    # The adapters' own dtype, stored by name ("float32"); a torch.dtype is accepted. None: the
+    # wrapped module's dtype. float32 adapters on a bfloat16 base keep small updates that
+    # bfloat16 weights would round away; the adapter casts its input to this dtype and its
+    # output back to the input's.
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         if self.bottleneck is not None and self.reduction_factor is not None:
             raise ValueError(
                 "AdapterConfig takes bottleneck or reduction_factor, not both; "
@@ -118,6 +140,15 @@ class AdapterConfig:
                 "AdapterConfig.output_key must be an int, a str, a non-empty tuple of those "
                 f"(a path into nested outputs) or None, got {key!r}"
             )
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """``dtype`` as a ``torch.dtype`` (None when unset).
+
+        >>> AdapterConfig(dtype="float32").torch_dtype, AdapterConfig(dtype=torch.half).dtype
+        (torch.float32, 'float16')
+        """
+        return None if self.dtype is None else getattr(torch, self.dtype)
 
     def bottleneck_for(self, d_model: int) -> int:
         """The bottleneck width for a module whose hidden size is ``d_model``."""

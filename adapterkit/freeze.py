@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import FreezeSpec
+from .guards import is_quantized, quantized_message, quantized_weights, where
+from .integrations import pretrained
 from .report import format_table, percent
 from .select import compile_selector, no_match_error
-from .surgery import adapted_modules, every_name, set_names
+from .surgery import adapted_modules, current_active, every_name, set_names
 
 
 @dataclass(frozen=True)
@@ -65,18 +69,89 @@ def select_parameters(model: nn.Module, entry: str) -> set[int]:
     return found
 
 
+def _check_not_quantized(model: nn.Module, keep: set[int]) -> None:
+    """A quantized weight gets no gradient: refuse to call it trainable."""
+    for key, _, slot in adapted_modules(model):
+        for set_name, adapter in slot.items():
+            names = quantized_weights(adapter)
+            if names and any(id(p) in keep for p in adapter.parameters()):
+                raise ValueError(quantized_message(where(key, set_name), names,
+                                                   "and this spec would train it"))
+    for name, p in model.named_parameters():
+        if id(p) in keep and is_quantized(p):
+            raise ValueError(
+                f"parameter '{name}' is quantized ({type(p).__name__}) and this spec would "
+                "train it, but a quantized weight gets no gradient: leave it out of quantize_ "
+                "(its filter_fn) or out of train"
+            )
+
+
+def _warn_inactive(model: nn.Module) -> None:
+    active = current_active(model)
+    idle = {
+        set_name: n
+        for set_name in set_names(model) if set_name not in active
+        if (n := sum(p.numel() for _, _, slot in adapted_modules(model) if set_name in slot
+                     for p in slot[set_name].parameters() if p.requires_grad))
+    }
+    if idle:
+        warnings.warn(
+            f"freeze made adapter set(s) {sorted(idle)} trainable ({sum(idle.values())} "
+            f"parameters), but they are not active (active: {active}): they get no gradient, "
+            "and DistributedDataParallel stops with 'Expected to have finished reduction in "
+            "the prior iteration'. Activate them (adapterkit.set_active) or train only the "
+            f"active ones (train=[{', '.join(repr('adapters:' + a) for a in active)}])",
+            stacklevel=3,
+        )
+
+
+def _entries(value: Sequence[str] | str) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _warn_low_precision(model: nn.Module) -> None:
+    low = sorted({
+        (set_name, str(p.dtype).removeprefix("torch."))
+        for _, _, slot in adapted_modules(model) for set_name, adapter in slot.items()
+        if adapter.config.dtype is None  # an explicit dtype is a choice: no warning
+        for p in adapter.parameters() if p.requires_grad and p.dtype in _LOW_PRECISION
+    })
+    if low:
+        sets = sorted({s for s, _ in low})
+        dtypes = sorted({d for _, d in low})
+        warnings.warn(
+            f"freeze made the adapters of set(s) {sets} trainable in {', '.join(dtypes)} (the "
+            "wrapped modules' dtype): optimizer updates below half a step of that dtype are "
+            "lost, as most are at small learning rates. Inject with "
+            "AdapterConfig(dtype='float32') to train them in float32 (or give the low dtype "
+            "explicitly to keep it)",
+            stacklevel=3,
+        )
+
+
 def freeze(
     model: nn.Module,
     spec: FreezeSpec | dict | None = None,
     *,
-    train: Sequence[str] | None = None,
-    freeze: Sequence[str] = (),
+    train: Sequence[str] | str | None = None,
+    freeze: Sequence[str] | str = (),
 ) -> FreezeReport:
     """Make exactly what the spec selects trainable; frozen parameters get ``grad = None``.
 
-    Give either a ``FreezeSpec`` (or its dict form) or ``train=`` / ``freeze=``. Entries of
-    ``freeze`` win over ``train``. An entry that selects nothing is an error, raised before
-    anything changes.
+    Give either a ``FreezeSpec`` (or its dict form) or ``train=`` / ``freeze=`` (a list of
+    entries, or one entry as a string). Entries of ``freeze`` win over ``train``. An entry
+    that selects nothing, or adapter weights that a quantization library replaced, is an
+    error raised before anything changes. Making an inactive set trainable warns (its
+    parameters get no gradient, which DistributedDataParallel refuses), and so does making
+    bfloat16 / float16 adapters trainable without an explicit ``AdapterConfig.dtype`` (small
+    updates to them are lost).
+
+    On a transformers model with frozen input embeddings, trainable adapters also get the
+    embeddings' output to require grad while gradient checkpointing is on, so that a
+    reentrant checkpoint passes them gradients (see ``adapterkit.integrations.pretrained``).
 
     Example:
         >>> import adapterkit
@@ -93,8 +168,9 @@ def freeze(
     if spec is not None and (train is not None or freeze):
         raise TypeError("give a spec or train=/freeze=, not both")
     if spec is None:
-        spec = FreezeSpec(train=("adapters",) if train is None else tuple(train),
-                          freeze=tuple(freeze))
+        # a str is one entry, where tuple("adapters") would split it into characters
+        spec = FreezeSpec(train=("adapters",) if train is None else _entries(train),
+                          freeze=_entries(freeze))
     spec = FreezeSpec.coerce(spec)
 
     keep: set[int] = set()
@@ -102,6 +178,7 @@ def freeze(
         keep |= select_parameters(model, entry)
     for entry in spec.freeze:
         keep -= select_parameters(model, entry)
+    _check_not_quantized(model, keep)
 
     frozen, unfrozen = [], []
     for name, p in model.named_parameters():
@@ -113,6 +190,11 @@ def freeze(
             p.grad = None
     for _, _, slot in adapted_modules(model):
         slot.freeze_spec = spec  # saved with the adapters, so a checkpoint says how it trained
+    adapters_train = any(p.requires_grad for _, _, slot in adapted_modules(model)
+                         for p in slot.parameters())
+    pretrained.require_input_grads(model, adapters_train)
+    _warn_inactive(model)
+    _warn_low_precision(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return FreezeReport(spec, tuple(frozen), tuple(unfrozen), trainable, total)

@@ -172,9 +172,16 @@ def _sequential(module: nn.Sequential) -> Found:
                              "adapterkit knows")
 
 
+_CHANNEL_ATTRS = ("out_channels", "num_channels", "num_features")
+
+
 def _block(module: nn.Module) -> Found:
     layers = _layers(module)
     width = _width(module)
+    if not layers and width is not None and any(
+            _size(getattr(module, a, None)) == width for a in _CHANNEL_ATTRS):
+        return Found(width, None, "its width attribute names channels, but no layer inside "
+                                  "says on which axis they are")
     if width is None:
         widths = [w for m in reversed(layers) if (w := _width(m))]
         first_in = _in_width(layers[0]) if layers else None

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from . import guards
 from .adapter import Adapter
 from .config import FreezeSpec
 from .outputs import TENSOR_LIKE, find_hidden, first_tensor, get_path, replace_path
@@ -102,6 +103,8 @@ class AdapterSlot(nn.ModuleDict):
         if not isinstance(adapter, Adapter):
             return adapter.delta(self, hidden, args, kwargs)
         self._check(name, adapter, hidden, "output")
+        if not isinstance(hidden, torch.fx.Proxy):
+            guards.check_forward(self.target_name, name, adapter, hidden)
         if adapter.config.placement == "sequential":
             return adapter.branch(hidden)
         x = first_tensor(args, kwargs)

@@ -434,7 +434,11 @@ def attach(
         raise
     _disable_fast_paths(model, list(resolved))
     _store_active(model, active)
-    model.__dict__.setdefault(_NORM_COUNTS, _norm_counts(model))
+    if _NORM_COUNTS not in model.__dict__:
+        model.__dict__[_NORM_COUNTS] = _norm_counts(model)
+    from .integrations import pretrained  # transformers models: save_pretrained keeps adapters
+
+    pretrained.install_save_hook(model)
     return list(resolved)
 
 
@@ -468,6 +472,10 @@ def detach(model: nn.Module, names: Collection[str]) -> None:
     _store_active(model, tuple(n for n in current_active(model) if n not in drop))
     if not adapted_modules(model):
         model.__dict__.pop(_NORM_COUNTS, None)
+    if not set_names(model):
+        from .integrations import pretrained
+
+        pretrained.remove_hooks(model)
 
 
 def current_active(model: nn.Module) -> list[str]:

@@ -92,3 +92,25 @@ def test_torch_layers_stay_fx_leaves_and_run_their_adapters():
     assert torch.allclose(compiled(x), model(x), atol=1e-5)
     with adapterkit.disabled(model):
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("make", ["conv", "lstm"])
+def test_channels_first_and_recurrent_adapters_compile_and_trace(make):
+    from tests.zoo import ConvNet, Recurrent
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    if make == "conv":
+        model, x, targets = ConvNet(2).eval(), torch.randn(2, 3, 5, 8), ["conv", "norm"]
+    else:
+        model, x, targets = (Recurrent("LSTM", "h_n", bidirectional=True, batch_first=True),
+                             torch.randn(2, 4, 5), ["rnn"])
+    adapterkit.inject(model.eval(), targets, NONZERO)
+    with torch.no_grad():
+        eager = model(x)
+        with adapterkit.disabled(model):
+            base = model(x)
+        assert not torch.allclose(eager, base, atol=1e-3)
+        assert torch.allclose(torch.compile(model, backend="aot_eager")(x), eager, atol=1e-5)
+        if make == "conv":  # torch.fx cannot unpack a leaf's tuple output, adapters or not
+            assert torch.allclose(torch.fx.symbolic_trace(model)(x), eager, atol=1e-6)

@@ -27,6 +27,7 @@ from adapterkit import Adapter, AdapterConfig, FreezeSpec
         ({"init_std": -1.0}, "init_std"),
         ({"d_model": 0}, "d_model"),
         ({"output_key": 1.5}, "output_key"),
+        ({"dtype": "int8"}, "dtype"),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_field(kwargs, field):
@@ -78,7 +79,8 @@ def test_adapter_formula_with_scaling_and_normal_init():
     h = torch.randn(3, 16)
     expected = h + 0.5 * adapter.up(torch.tanh(adapter.down(h)))
     assert torch.allclose(adapter(h), expected)
-    with pytest.raises(ValueError, match=r"inputs of size d_model=16 on axis -1, got shape \(3, 8\)"):
+    with pytest.raises(ValueError,
+                       match=r"inputs of size d_model=16 on axis -1, got shape \(3, 8\)"):
         adapter(torch.randn(3, 8))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -96,3 +97,28 @@ def test_summary_counts_tied_parameters_once():
     model.head.weight = model.emb.weight
     s = adapterkit.summary(model)
     assert s.total == 40 and [r[0] for r in s.rows] == ["emb"]
+
+
+def test_a_string_is_one_entry_not_its_characters(gpt):
+    adapterkit.inject(gpt, ["mha_block"], AdapterConfig(bottleneck=4))
+    report = adapterkit.freeze(gpt, train="adapters")
+    assert report.spec.train == ("adapters",)
+    assert trainable_names(gpt) == {n for n in dict(gpt.named_parameters()) if ".adapterkit." in n}
+    report = adapterkit.freeze(gpt, train=["adapters", "cls"], freeze="cls.bias")
+    assert report.spec.freeze == ("cls.bias",)
+    assert "cls.weight" in trainable_names(gpt) and "cls.bias" not in trainable_names(gpt)
+
+
+def test_training_an_inactive_set_warns_naming_it_and_the_ddp_error(gpt):
+    adapterkit.inject(gpt, ["mha_block"], AdapterConfig(bottleneck=4), name="a")
+    adapterkit.inject(gpt, ["ffn_block"], AdapterConfig(bottleneck=4), name="b")
+    adapterkit.set_active(gpt, ["a"])
+    with pytest.warns(UserWarning, match=r"adapter set\(s\) \['b'\] trainable .* not active "
+                      r"\(active: \['a'\]\).*'Expected to have finished reduction in the prior "
+                      r"iteration'.*train=\['adapters:a'\]"):
+        adapterkit.freeze(gpt, train=["adapters"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the active set alone: no warning
+        adapterkit.freeze(gpt, train=["adapters:a"])
+        adapterkit.set_active(gpt, ["a", "b"])
+        adapterkit.freeze(gpt, train=["adapters"])

@@ -68,13 +68,21 @@ def _seeded(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     return build
 
 
-def _hf_case(name: str, model_cls: str, config_cls: str, batch: Callable[[], dict],
-             n_auto: int = 2 * LAYERS, preset: bool = True, **config: Any) -> Case:
+def _hf_case(name: str, model_cls: str, config_cls: str | None, batch: Callable[[], dict],
+             n_auto: int = 2 * LAYERS, preset: bool = True, library: str = "transformers",
+             **config: Any) -> Case:
     def make() -> nn.Module:
-        t = hf()
+        t = hf() if library == "transformers" else pytest.importorskip(
+            library, reason=f"needs {library}: pip install -e '.[{library}]'")
+        if config_cls is None:
+            return getattr(t, model_cls)(**config)
         cfg = getattr(t, config_cls)(**config)
         return getattr(t, model_cls)(cfg)
     return Case(name, _seeded(make), batch, n_auto, preset)
+
+
+def _pixels() -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(2, 3, 16, 16, generator=_gen(4))}
 
 
 _DECODER = dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=4,
@@ -135,6 +143,22 @@ CASES = [
              hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=4,
              intermediate_size=64, image_size=16, patch_size=4, hidden_dropout_prob=0.0,
              attention_probs_dropout_prob=0.0),
+    # CNNs and a diffusion UNet: adapters on the residual branches, on the channel axis
+    # (ResNet's conv stack, UNet's conv2) or on channels-last features (ConvNeXt's pwconv2,
+    # UNet attention's to_out.0).
+    _hf_case("ResNet", "ResNetModel", "ResNetConfig", _pixels, n_auto=LAYERS,
+             embedding_size=16, hidden_sizes=[D, D], depths=[1, 1], layer_type="bottleneck"),
+    # layer scale 1, as a trained ConvNeXt has it: its init (1e-6) scales the branch, and
+    # an adapter in it, down to nothing
+    _hf_case("ConvNeXt", "ConvNextModel", "ConvNextConfig", _pixels, n_auto=LAYERS,
+             hidden_sizes=[D, D], depths=[1, 1], num_stages=2, layer_scale_init_value=1.0),
+    _hf_case("UNet2DModel", "UNet2DModel", None,
+             lambda: {"sample": torch.randn(2, 3, 16, 16, generator=_gen(4)),
+                      "timestep": torch.tensor([3, 500])},
+             n_auto=12, library="diffusers", sample_size=16, block_out_channels=(D, D),
+             down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+             up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+             norm_num_groups=8, attention_head_dim=8),
     # No preset: the structural rule finds these.
     _hf_case("Qwen2", "Qwen2ForCausalLM", "Qwen2Config", _text_batch, preset=False,
              **_DECODER),
@@ -173,6 +197,9 @@ def train_adapters(case: Case, model: nn.Module, steps: int = 6) -> list[float]:
     adapterkit.freeze(model, train=["adapters"])
     batch = case.batch()
     model.train()
+    for m in model.modules():  # a frozen CNN keeps its BatchNorm statistics (docs/models.md)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
     with torch.no_grad():
         target = torch.randn(run(case, model, batch).shape, generator=_gen(9))
     opt = torch.optim.Adam(adapterkit.trainable_parameters(model), lr=1e-2)

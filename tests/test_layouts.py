@@ -129,6 +129,28 @@ def test_a_block_of_mixed_layouts_is_refused_without_feature_dim() -> None:
     assert model(x).shape == (2, 6, 5, 5)
 
 
+class RawConv(nn.Module):
+    """A conv of its own parameters: ``out_channels`` says channels, nothing says where."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_channels = 4
+        self.weight = nn.Parameter(torch.randn(4, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.weight)
+
+
+def test_a_width_attribute_that_names_channels_does_not_guess_the_axis() -> None:
+    with pytest.raises(LayoutError, match=r"'0' \(RawConv\).*its width attribute names "
+                                          "channels"):
+        adapterkit.inject(nn.Sequential(RawConv()), ["0"], CFG)
+    model = adapterkit.inject(nn.Sequential(RawConv()), ["0"],
+                              AdapterConfig(bottleneck=2, feature_dim=1))
+    assert adapterkit.adapters(model)["0"].d_model == 4
+    assert model(torch.randn(2, 4, 3, 4)).shape == (2, 4, 3, 4)
+
+
 def test_a_sequential_ending_in_flatten_needs_example_inputs_or_d_model() -> None:
     def make() -> nn.Module:
         torch.manual_seed(0)
@@ -313,7 +335,7 @@ def test_a_module_is_selected_by_any_of_its_names_and_wrapped_once(tmp_path) -> 
     assert list(adapterkit.adapters(both)) == ["block"]
 
 
-# -- files -------------------------------------------------------------------------------------------
+# -- files ------------------------------------------------------------------------------------
 
 
 def test_a_version_1_file_without_layouts_still_loads(tmp_path) -> None:
