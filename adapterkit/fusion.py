@@ -156,11 +156,14 @@ class AdapterFusion(nn.Module):
 
     def delta(self, slot: Any, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         deltas = [slot._delta(name, slot[name], hidden, args, kwargs) for name in self.sets]
-        dim = self.feature_dim  # channels-first outputs (feature_dim=1) move it last for a while
-        if dim in (-1, hidden.dim() - 1):
-            return self(hidden, torch.stack(deltas, dim=-2))
-        last = [t.movedim(dim, -1) for t in (hidden, *deltas)]
-        return self(last[0], torch.stack(last[1:], dim=-2)).movedim(-1, dim)
+        # Computed in the fusion's dtype (its sets', maybe float32 on a bfloat16 base) and on
+        # a feature-last view (channels-first outputs move their feature axis last for a while).
+        dim, dtype = self.feature_dim, self.query.weight.dtype
+        cast = hidden.dtype != dtype and hidden.is_floating_point()
+        last = [t.movedim(dim, -1).to(dtype) if cast else t.movedim(dim, -1)
+                for t in (hidden, *deltas)]
+        out = self(last[0], torch.stack(last[1:], dim=-2)).movedim(-1, dim)
+        return out.to(hidden.dtype) if cast else out
 
     def extra_repr(self) -> str:
         return f"sets={list(self.sets)}"

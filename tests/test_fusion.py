@@ -210,3 +210,4 @@ def test_compiled_model_runs_fusion_and_average_like_eager(tokens: torch.Tensor)
     for entry in ["f", adapterkit.average({"a": 0.2, "c": 0.8}), ["a", "f"]]:
         adapterkit.set_active(model, entry)
         close(compiled(tokens), model(tokens))
+
