@@ -21,11 +21,8 @@ from .merge import Merged, merge, unmerge
 from .plan import Plan, PlanRow, plan
 from .presets import auto_targets
 from .report import Summary, summary
-<<<<<<< HEAD
-from .routing import routed
-=======
 from .reset import reset_adapters
->>>>>>> mainref2
+from .routing import routed
 from .training import TwoPhaseResult, train_two_phase
 
 __version__ = "0.1.0"
@@ -57,11 +54,8 @@ __all__ = [
     "load_adapters",
     "merge",
     "plan",
-<<<<<<< HEAD
-    "routed",
-=======
     "reset_adapters",
->>>>>>> mainref2
+    "routed",
     "save_adapters",
     "set_active",
     "summary",

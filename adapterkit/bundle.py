@@ -49,6 +49,13 @@ def check_saveable(model: nn.Module) -> None:
     # gathered here (every rank would have to join): refuse before anything is written.
     sharded = any(hasattr(p, "full_tensor") for _, _, slot in adapted_modules(model)
                   for p in slot.parameters())
+    compositions = [e for e in current_active(model) if not isinstance(e, str)]
+    if compositions:
+        raise ValueError(
+            f"the active list holds {compositions[0]}, which sets.json records only as set "
+            "names; set_active(model, [set names]) before saving, and set the composition "
+            "again after loading"
+        )
     if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
         raise ValueError(
             "the adapters are sharded (fully_shard), and save_pretrained writes from one "

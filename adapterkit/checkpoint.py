@@ -21,11 +21,8 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import AdapterConfig, FreezeSpec
-<<<<<<< HEAD
 from .fusion import AdapterFusion, FusionConfig, add_fusion, fusion_layout
-=======
 from .guards import NEEDS_INIT
->>>>>>> mainref2
 from .layout import Layout, infer_layout
 from .reset import check_not_meta, materialize
 from .select import closest_names
@@ -480,14 +477,10 @@ def load_adapters(
             f"{file} does not fit this model: " + "; ".join(p for p in parts if p)
             + ". Load it into the model and config it was saved from"
         )
-<<<<<<< HEAD
+    check_not_meta(model, targets, f"cannot load {path}")
     if not _set_slots(model, name) and isinstance(meta["config"], FusionConfig):
         add_fusion(model, name, meta["config"], list(targets))
     elif not _set_slots(model, name):
-=======
-    check_not_meta(model, targets, f"cannot load {path}")
-    if not _set_slots(model, name):
->>>>>>> mainref2
         attach(model, lambda qname, _m: qname in targets, meta["config"], name,
                layouts=layouts)
     materialize(model, name)  # adapters made on meta before to_empty: give them memory

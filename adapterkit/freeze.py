@@ -116,7 +116,8 @@ def _warn_low_precision(model: nn.Module) -> None:
     low = sorted({
         (set_name, str(p.dtype).removeprefix("torch."))
         for _, _, slot in adapted_modules(model) for set_name, adapter in slot.items()
-        if adapter.config.dtype is None  # an explicit dtype is a choice: no warning
+        # an explicit dtype is a choice: no warning (a fusion has its sets' dtype, no choice)
+        if getattr(adapter.config, "dtype", None) is None
         for p in adapter.parameters() if p.requires_grad and p.dtype in _LOW_PRECISION
     })
     if low:

@@ -211,3 +211,39 @@ def test_compiled_model_runs_fusion_and_average_like_eager(tokens: torch.Tensor)
         adapterkit.set_active(model, entry)
         close(compiled(tokens), model(tokens))
 
+
+
+def test_a_float32_fusion_on_a_bfloat16_base_returns_the_base_dtype() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    for name in ["a", "b"]:
+        adapterkit.inject(model, ["0"], AdapterConfig(bottleneck=2, init="normal", dropout=0.0),
+                          name=name)
+    adapterkit.fuse(model, ["a", "b"], name="f")
+    model[0].to(torch.bfloat16)  # the base in bfloat16; the adapters and the fusion stay float32
+    for entry in adapterkit.adapters(model).values():
+        entry.float()
+    adapterkit.set_active(model, "f")
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    y = model(x)
+    assert y.dtype == torch.bfloat16
+    adapterkit.set_active(model, adapterkit.average({"a": 0.5, "b": 0.5}))
+    torch.testing.assert_close(y, model(x))  # a new fusion: the mean, in the base's dtype
+
+
+def test_save_bundle_keeps_a_fusion_and_refuses_an_active_average(tmp_path, tokens) -> None:
+    from adapterkit.bundle import save_bundle
+
+    model = with_sets(make_gpt().eval())
+    adapterkit.fuse(model, SETS, name="f")
+    for fusion in adapterkit.adapters(model, "f").values():
+        nn.init.normal_(fusion.query.weight, std=0.3)
+    adapterkit.set_active(model, adapterkit.average({"a": 0.5, "b": 0.5}))
+    with pytest.raises(ValueError, match=r"the active list holds average\("):
+        save_bundle(model, tmp_path)
+    adapterkit.set_active(model, "f")
+    expected = model(tokens)
+    save_bundle(model, tmp_path)
+    fresh = adapterkit.load_adapters(make_gpt().eval(), tmp_path)
+    assert adapterkit.active(fresh) == ["f"]
+    assert torch.equal(fresh(tokens), expected)
