@@ -86,11 +86,22 @@ def _check_not_quantized(model: nn.Module, keep: set[int]) -> None:
             )
 
 
+def _reached(model: nn.Module, active: list) -> set[str]:
+    """The sets an active list runs: its set names, and the sets its fusions and averages use."""
+    reached = {e for e in active if isinstance(e, str)}
+    reached |= {s for e in active if not isinstance(e, str) for s in e.sets}
+    for _, _, slot in adapted_modules(model):
+        reached |= {s for e in active if isinstance(e, str) and e in slot
+                    for s in getattr(slot[e], "sets", ())}
+    return reached
+
+
 def _warn_inactive(model: nn.Module) -> None:
     active = current_active(model)
+    reached = _reached(model, active)
     idle = {
         set_name: n
-        for set_name in set_names(model) if set_name not in active
+        for set_name in set_names(model) if set_name not in reached
         if (n := sum(p.numel() for _, _, slot in adapted_modules(model) if set_name in slot
                      for p in slot[set_name].parameters() if p.requires_grad))
     }

@@ -247,3 +247,16 @@ def test_save_bundle_keeps_a_fusion_and_refuses_an_active_average(tmp_path, toke
     fresh = adapterkit.load_adapters(make_gpt().eval(), tmp_path)
     assert adapterkit.active(fresh) == ["f"]
     assert torch.equal(fresh(tokens), expected)
+
+
+def test_freeze_counts_the_sets_of_an_active_fusion_as_running() -> None:
+    import warnings
+
+    model = with_sets(make_gpt())
+    adapterkit.fuse(model, ["a", "c"], name="f")
+    adapterkit.set_active(model, ["f"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapterkit.freeze(model, train=["adapters"])
+    idle = [str(w.message) for w in caught if "not active" in str(w.message)]
+    assert len(idle) == 1 and "['b']" in idle[0]  # a and c run inside f; b does not run
