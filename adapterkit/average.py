@@ -25,7 +25,8 @@ from torch import nn
 
 from .adapter import Adapter
 from .fusion import AdapterFusion
-from .surgery import _check_set_name, adapted_modules, set_names
+from .surgery import _check_set_name
+from .tree import adapted_modules, set_names
 
 _TOLERANCE = 1e-6  # how far from 1 the weights may sum (decimal weights rarely sum exactly)
 

@@ -23,15 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    AdapterFileError,
-    collect,
-    load_adapters,
-    write_atomically,
-)
-from .surgery import adapted_modules, current_active, detach, set_names, store_active
+from .adapterfile import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError, write_atomically
+from .checkpoint import collect, load_adapters
+from .surgery import current_active, detach, store_active
+from .tree import adapted_modules, set_names
 
 SUBDIR = "adapterkit"
 INDEX = "sets.json"

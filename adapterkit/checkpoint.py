@@ -6,60 +6,34 @@ anything, and never unpickles: tensors come only through safetensors.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter import Adapter
-from .config import AdapterConfig, FreezeSpec
+from .adapterfile import (
+    CONFIG_FILE,
+    FORMAT,
+    WEIGHTS_FILE,
+    AdapterFileError,
+    config_json,
+    read_adapter_config,
+    read_tensors,
+    write_atomically,
+    write_on_rank_zero,
+)
+from .config import AdapterConfig
 from .fusion import AdapterFusion, FusionConfig, add_fusion, fusion_layout
 from .guards import NEEDS_INIT
 from .layout import Layout, infer_layout
 from .reset import check_not_meta, materialize
 from .select import closest_names
-from .surgery import (
-    adapted_modules,
-    attach,
-    candidates,
-    is_distributed_wrapper,
-    norms_updated,
-    original_class,
-    select,
-    set_names,
-)
-
-FORMAT = "adapterkit"
-# 2 added "layouts"; 3 added fusion sets. A file is written with the oldest version that
-# holds it (3 for a fusion, else 2), so that older readers keep reading plain sets.
-FORMAT_VERSION = 3
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-_FIELDS = {"format", "format_version", "name", "config", "targets", "include", "freeze", "base"}
-_OPTIONAL = {"layouts"}  # absent from version 1 files: the layouts are inferred again
-
-
-class AdapterFileError(ValueError):
-    """An adapter directory that cannot be loaded into this model; the message says why."""
-
-
-def _config_json(config: AdapterConfig | FusionConfig) -> dict[str, Any]:
-    return {"fusion": config.to_dict()} if isinstance(config, FusionConfig) else config.to_dict()
-
-
-def _config_from_json(data: object) -> AdapterConfig | FusionConfig:
-    if isinstance(data, dict) and set(data) == {"fusion"}:
-        return FusionConfig.from_dict(data["fusion"])
-    return AdapterConfig.from_dict(data)  # type: ignore[arg-type]
-
+from .surgery import attach, norms_updated, select
+from .tree import adapted_modules, candidates, is_distributed_wrapper, original_class, set_names
 
 # -- what a set looks like in a model ------------------------------------------------------
 
@@ -131,7 +105,7 @@ def collect(
         "format": FORMAT,
         "format_version": 3 if isinstance(first_adapter, AdapterFusion) else 2,
         "name": name,
-        "config": _config_json(first_adapter.config),
+        "config": config_json(first_adapter.config),
         "targets": list(found),
         # each adapter's width and feature axis: found by inject, maybe on example_inputs
         "layouts": {key: {"d_model": a.d_model, "feature_dim": a.feature_dim}
@@ -179,7 +153,7 @@ def save_adapters(
         model = model.module  # so that names and base class are those of the model itself
     meta, tensors = collect(model, name, include)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return _write_on_rank_zero(Path(path), meta, tensors)
+        return write_on_rank_zero(Path(path), meta, tensors)
     return write_atomically(Path(path), meta, tensors)
 
 
@@ -196,130 +170,7 @@ def _check_norms(model: nn.Module, included: dict[str, nn.Module]) -> None:
         )
 
 
-def _write_on_rank_zero(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    # Every rank returns only once rank 0's write is done, so that no rank reads the directory
-    # before it is there, and a write that fails on rank 0 fails on every rank (rather than
-    # leaving the others blocked in their next collective).
-    dist = torch.distributed
-    error: BaseException | None = None
-    if dist.get_rank() == 0:
-        try:
-            write_atomically(path, meta, tensors)
-        except Exception as err:  # re-raised below, once every rank knows
-            error = err
-    status = [None if error is None else f"{type(error).__name__}: {error}"]
-    dist.broadcast_object_list(status, src=0)
-    if error is not None:
-        raise error
-    if status[0] is not None:
-        raise RuntimeError(f"save_adapters failed on rank 0, which writes the files: {status[0]}")
-    return path
-
-
-def write_atomically(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    ours = {CONFIG_FILE, WEIGHTS_FILE}
-    if path.exists():
-        if not path.is_dir():
-            raise FileExistsError(f"{path} exists and is not a directory; give a directory path")
-        others = sorted(p.name for p in path.iterdir() if p.name not in ours)
-        if others:
-            raise FileExistsError(
-                f"{path} holds other files ({', '.join(others[:5])}); save adapters into a new "
-                "or empty directory, or one written by save_adapters"
-            )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        for f in ours:
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.rename(path, old / "previous")
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
 # -- load -----------------------------------------------------------------------------------
-
-
-def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The validated ``adapter_config.json`` of an adapter directory."""
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{file} not found; give a directory written by adapterkit.save_adapters, or a "
-            "model folder whose save_pretrained held adapters (it has adapterkit/sets.json)"
-        )
-    try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{file} is damaged: not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise AdapterFileError(f"{file} is not an adapterkit adapter config (no format "
-                               f"'{FORMAT}')")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise AdapterFileError(
-            f"{file} has format_version {version!r}; this adapterkit reads versions up to "
-            f"{FORMAT_VERSION}: upgrade adapterkit to load it"
-        )
-    unknown = sorted(set(meta) - _FIELDS - _OPTIONAL)
-    missing = sorted(_FIELDS - set(meta))
-    if unknown or missing:
-        raise AdapterFileError(
-            f"{file}: unknown field(s) {unknown}, missing field(s) {missing}; "
-            f"expected exactly {sorted(_FIELDS)}"
-        )
-    try:
-        meta["config"] = _config_from_json(meta["config"])
-        meta["freeze"] = None if meta["freeze"] is None else FreezeSpec.from_dict(meta["freeze"])
-    except (TypeError, ValueError) as err:
-        raise AdapterFileError(f"{file}: {err}") from None
-    if not (isinstance(meta["targets"], list) and meta["targets"]
-            and all(isinstance(t, str) for t in meta["targets"])):
-        raise AdapterFileError(f"{file}: 'targets' must be a non-empty list of module names")
-    meta["layouts"] = _read_layouts(meta.get("layouts"), meta["targets"], file)
-    return meta
-
-
-def _read_layouts(raw: object, targets: list[str], file: Path) -> dict[str, Layout] | None:
-    if raw is None:
-        return None
-
-    def valid(entry: object) -> bool:
-        return (isinstance(entry, dict) and set(entry) == {"d_model", "feature_dim"}
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in entry.values())
-                and entry["d_model"] > 0)
-
-    if not isinstance(raw, dict) or set(raw) != set(targets) or not all(
-            valid(v) for v in raw.values()):
-        raise AdapterFileError(
-            f"{file}: 'layouts' must map every target to {{\"d_model\": int > 0, "
-            "\"feature_dim\": int}}"
-        )
-    return {t: Layout(v["d_model"], v["feature_dim"]) for t, v in raw.items()}
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    file = path / WEIGHTS_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found; the adapter directory is incomplete")
-    try:
-        return load_file(str(file))  # parses a JSON header and raw bytes; never unpickles
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFileError(
-            f"{file} is not a valid safetensors file ({err}); adapter weights are read only "
-            "from safetensors written by save_adapters"
-        ) from None
 
 
 def _check_graph(model: nn.Module, meta: dict, name: str, file: Path) -> None:
@@ -456,7 +307,7 @@ def load_adapters(
         if is_bundle(path):
             return load_bundle(model, path, name)  # a folder written by save_pretrained
     meta = read_adapter_config(path)
-    tensors = _read_tensors(path)
+    tensors = read_tensors(path)
     name = meta["name"] if name is None else name
     file = path / WEIGHTS_FILE
     if not isinstance(meta["config"], FusionConfig):  # a fusion sits on its sets' slots

@@ -14,7 +14,8 @@ from .guards import is_quantized, quantized_message, quantized_weights, where
 from .integrations import pretrained
 from .report import format_table, percent
 from .select import compile_selector, no_match_error
-from .surgery import adapted_modules, current_active, every_name, set_names
+from .surgery import current_active
+from .tree import adapted_modules, every_name, set_names
 
 
 @dataclass(frozen=True)

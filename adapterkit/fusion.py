@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .surgery import _check_set_name, adapted_modules, set_names
+from .surgery import _check_set_name
+from .tree import adapted_modules, set_names
 
 
 @dataclass(frozen=True)

@@ -56,15 +56,8 @@ from .fx_sites import RESIDUAL, Calls, SitePlan, Sites, calls, plan_sites
 from .fx_trace import TraceState, UntraceableModelError
 from .select import as_selector_list, compile_selector
 from .slot import AdapterSlot, RNNState
-from .surgery import (
-    _check_set_name,
-    _factory_kwargs,
-    adapted_modules,
-    current_active,
-    detach,
-    set_names,
-    store_active,
-)
+from .surgery import _check_set_name, _factory_kwargs, current_active, detach, store_active
+from .tree import adapted_modules, set_names
 
 __all__ = ["RESIDUAL", "Calls", "GraphSlot", "UntraceableModelError", "calls", "eject_fx",
            "inject_fx"]

@@ -25,7 +25,7 @@ from .fx_trace import SiteTracer, TraceState, last_dims, module_output, trace
 from .layout import LAST, Layout, infer_layout
 from .select import as_selector_list, compile_selector, select_modules
 from .slot import AdapterSlot
-from .surgery import candidates
+from .tree import candidates
 
 RESIDUAL = "residual"
 _ADDS = (operator.add, torch.add)

@@ -13,7 +13,8 @@ from .average import Average
 from .config import AdapterConfig
 from .fusion import AdapterFusion, fusion_users
 from .select import Targets
-from .surgery import adapted_modules, attach, current_active, detach, set_names, store_active
+from .surgery import attach, current_active, detach, store_active
+from .tree import adapted_modules, set_names
 
 
 def inject(

@@ -29,17 +29,8 @@ from .adapter import Adapter
 from .lifecycle import check_unused
 from .report import format_table
 from .slot import SLOT, AdapterSlot
-from .surgery import (
-    _disable_fast_paths,
-    _store_active,
-    adapted_class,
-    adapted_modules,
-    current_active,
-    detach,
-    original_class,
-    set_names,
-    slot_of,
-)
+from .surgery import _disable_fast_paths, _store_active, current_active, detach
+from .tree import adapted_class, adapted_modules, original_class, set_names, slot_of
 
 
 @dataclass

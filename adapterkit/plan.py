@@ -24,7 +24,8 @@ from .lifecycle import expand_presets
 from .outputs import as_path, find_hidden
 from .report import format_table
 from .select import Targets
-from .surgery import original_class, resolve
+from .surgery import resolve
+from .tree import original_class
 
 
 @dataclass(frozen=True)

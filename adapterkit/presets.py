@@ -35,7 +35,8 @@ from typing import Literal
 from torch import nn
 
 from .select import compile_selector
-from .surgery import _NEVER_CALLED, candidates, original_class
+from .surgery import _NEVER_CALLED
+from .tree import candidates, original_class
 
 Role = Literal["attention", "ffn"]
 SPECS: dict[str, tuple[Role, ...]] = {"auto": ("attention", "ffn"), "auto:ffn": ("ffn",)}

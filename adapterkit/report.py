@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .surgery import adapted_modules
+from .tree import adapted_modules
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .surgery import adapted_modules, set_names
+from .tree import adapted_modules, set_names
 
 
 def real_device(*modules: nn.Module) -> torch.device | None:

@@ -34,7 +34,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .lifecycle import Entry, as_entries
 from .outputs import TENSOR_LIKE, find_hidden, first_tensor, get_path, replace_path
 from .slot import AdapterSlot
-from .surgery import adapted_modules, set_names
+from .tree import adapted_modules, set_names
 
 # torch's own transformer layers pass (seq, batch, feature) tensors from layer to layer when
 # their attention is not batch_first; no attribute on them says so but their attention's.

@@ -10,7 +10,7 @@ from torch import nn
 
 import adapterkit
 from adapterkit import AdapterConfig, AdapterFusion
-from adapterkit.checkpoint import FORMAT_VERSION, AdapterFileError
+from adapterkit.adapterfile import FORMAT_VERSION, AdapterFileError
 from tests.conftest import assert_same, make_gpt, snapshot
 
 SETS = ["a", "b", "c"]

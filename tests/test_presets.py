@@ -13,7 +13,7 @@ from adapterkit import presets
 from adapterkit.models.gpt import GPTBlock
 from adapterkit.presets import auto_targets, compress, preset_for
 from adapterkit.select import select_modules
-from adapterkit.surgery import candidates, is_adapted
+from adapterkit.tree import candidates, is_adapted
 from tests.conftest import MLP, assert_same, make_gpt, snapshot
 
 HF_REASON = "Hugging Face models need the 'hf' extra: pip install -e '.[hf]'"

@@ -7,7 +7,7 @@ from torch import nn
 
 from adapterkit.models.gpt import FeedForward, MultiheadAttention
 from adapterkit.select import compile_selector, select_modules
-from adapterkit.surgery import candidates
+from adapterkit.tree import candidates
 from tests.conftest import make_gpt
 
 NAMES = [

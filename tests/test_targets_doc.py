@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapterkit.select import select_modules
-from adapterkit.surgery import candidates
+from adapterkit.tree import candidates
 from tests.conftest import make_gpt
 
 DOC = Path(__file__).parent.parent / "docs" / "targets.md"

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..bundle import check_saveable, save_bundle
-from ..surgery import set_names
+from ..tree import set_names
 
 _HOOKED = "save_pretrained"
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..guards import is_quantized
-from ..surgery import adapted_modules
+from ..tree import adapted_modules
 
 __all__ = ["base_linears"]
 

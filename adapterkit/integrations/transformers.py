@@ -20,7 +20,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..bundle import SUBDIR, _read_index, is_bundle, save_bundle
 from ..checkpoint import _included, load_adapters
-from ..surgery import set_names
+from ..tree import set_names
 
 __all__ = ["AdapterCheckpointCallback"]
 
