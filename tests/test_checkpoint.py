@@ -111,7 +111,7 @@ def test_an_interrupted_save_leaves_the_earlier_save_intact(tmp_path, monkeypatc
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("adapterkit.checkpoint.save_file", fail_midway)
+    monkeypatch.setattr("adapterkit.adapterfile.save_file", fail_midway)
     with pytest.raises(OSError, match="disk full"):
         adapterkit.save_adapters(model, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
