@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 
 Activation = Literal["gelu", "relu", "silu", "tanh", "identity"]
 Placement = Literal["sequential", "parallel"]
 Init = Literal["zeros", "normal"]
+T = TypeVar("T")
 Key = int | str
 OutputKey = Key | tuple[Key, ...]
 
@@ -162,15 +163,19 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
         """Build from a dict, refusing fields this version does not know."""
-        if not isinstance(data, dict):
-            raise ValueError(f"an AdapterConfig must be a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown AdapterConfig field(s) {unknown}; known fields: {sorted(known)}"
-            )
-        return cls(**data)
+        return from_known_fields(cls, data)
+
+
+def from_known_fields(cls: type[T], data: object) -> T:
+    """``cls(**data)`` for a frozen config dataclass, refusing a non-dict and unknown fields."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a {cls.__name__} must be a dict, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: "
+                         f"{sorted(known)}")
+    return cls(**data)
 
 
 def _as_entries(name: str, value: object) -> tuple[str, ...]:

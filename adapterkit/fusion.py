@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
+from .config import from_known_fields
 from .surgery import _check_set_name
 from .tree import adapted_modules, set_names
 
@@ -87,13 +88,7 @@ class FusionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FusionConfig:
         """Build from a dict, refusing fields this version does not know."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a FusionConfig must be a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown FusionConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_known_fields(cls, data)
 
 
 class AdapterFusion(nn.Module):

@@ -34,6 +34,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .lifecycle import Entry, as_entries
 from .outputs import TENSOR_LIKE, find_hidden, first_tensor, get_path, replace_path
 from .slot import AdapterSlot
+from .surgery import check_entries
 from .tree import adapted_modules, set_names
 
 # torch's own transformer layers pass (seq, batch, feature) tensors from layer to layer when
@@ -221,18 +222,10 @@ def _check_rows(model: nn.Module, names: Sequence[Any]) -> list[tuple[Entry, ...
     rows = []
     for i, name in enumerate(names):
         try:
-            entries = as_entries(name)
-        except TypeError as err:
-            raise TypeError(f"example {i}: {err}") from None
-        unknown = [e for e in entries if isinstance(e, str) and e not in known]
-        if unknown:
-            raise ValueError(f"example {i}: no adapter set named {unknown}; injected sets: {known}")
-        if len(set(entries)) != len(entries):
-            raise ValueError(f"example {i}: each set may run once per example, got {entries}")
-        for entry in entries:
-            if not isinstance(entry, str):
-                entry.check(model)
-        rows.append(tuple(entries))
+            rows.append(check_entries(model, as_entries(name), known,
+                                      once="each set may run once per example"))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"example {i}: {err}") from None
     return rows
 
 

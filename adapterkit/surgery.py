@@ -344,15 +344,22 @@ def _store_active(model: nn.Module, active: tuple[str, ...]) -> None:
         slot.active = active
 
 
-def store_active(model: nn.Module, names: list[Any]) -> None:
-    """Make ``names`` active: set names, or compositions (average.py) that check their sets."""
-    known = set_names(model)
+def check_entries(model: nn.Module, names: list[Any], known: list[str] | None = None,
+                  once: str = "each set may be active once") -> tuple[Any, ...]:
+    """``names`` as a tuple of entries to run, each an injected set's name or a composition
+    (average.py) that checks its own sets; an error for an unknown or repeated one."""
+    known = set_names(model) if known is None else known
     unknown = [n for n in names if isinstance(n, str) and n not in known]
     if unknown:
         raise ValueError(f"no adapter set named {unknown}; injected sets: {known}")
     if len(set(names)) != len(names):
-        raise ValueError(f"each set may be active once, got {names}")
+        raise ValueError(f"{once}, got {names}")
     for entry in names:
         if not isinstance(entry, str):
             entry.check(model)
-    _store_active(model, tuple(names))
+    return tuple(names)
+
+
+def store_active(model: nn.Module, names: list[Any]) -> None:
+    """Make ``names`` active: set names, or compositions (average.py) that check their sets."""
+    _store_active(model, check_entries(model, names))
