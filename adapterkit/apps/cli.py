@@ -30,10 +30,10 @@ from torch import nn
 
 import adapterkit
 
-from .config import AdapterConfig
+from ..config import AdapterConfig
+from ..report import format_table, percent
+from ..training import bits, evaluate
 from .data import DataError
-from .report import format_table, percent
-from .training import bits, evaluate
 from .workflow import (
     CACHE_ENV,
     NORMS,
