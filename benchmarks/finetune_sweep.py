@@ -38,21 +38,29 @@ GRIDS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
     "recipe": [
         (("full",), {}),
         (("full",), {"full_lr": 1e-4}),
-        (("full",), {"full_lr": 2e-5}),
-        (("head",), {}),
-        (("head",), {"head_lr": 1e-2}),
         (("adapters",), {}),
-        (("adapters",), {"lr": 3e-4}),
+        (("head",), {}),
         (("adapters",), {"lr": 2e-3}),
-        (("adapters",), {"bottleneck": 16}),
         (("adapters",), {"bottleneck": 48}),
-        (("adapters",), {"placement": "parallel", "scaling": 4.0}),
+        (("adapters",), {"epochs": 6.0}),
+        (("adapters", "full"), {"epochs": 2.0}),
+        (("full",), {"full_lr": 2e-5}),
         (("adapters",), {"train_norms": False}),
         (("adapters",), {"head_lr": 1e-3}),
         (("adapters",), {"warmup": 0.0}),
-        (("adapters", "full"), {"epochs": 2.0}),
-        (("adapters", "full"), {"epochs": 4.0}),
+        (("adapters",), {"lr": 3e-4}),
         (("adapters",), {"max_length": 128}),
+        (("adapters",), {"bottleneck": 16}),
+        (("head",), {"head_lr": 1e-2}),
+    ],
+    # the levers that moved most on the default task, to check them on other tasks
+    "core": [
+        (("full",), {}),
+        (("full",), {"full_lr": 1e-4}),
+        (("adapters",), {}),
+        (("head",), {}),
+        (("adapters",), {"lr": 2e-3}),
+        (("adapters",), {"bottleneck": 48}),
     ],
 }
 
@@ -84,7 +92,8 @@ def key_of(task: str, regimes: tuple[str, ...], changes: dict[str, Any], seeds: 
 
 def run_setting(task_name: str, task: Task, loaded: tuple, regimes: tuple[str, ...],
                 changes: dict[str, Any], seeds: int) -> dict[str, Any]:
-    recipe = replace(Recipe(), evals=1, **changes)
+    recipe = replace(Recipe(), evals=1, **{k: tuple(v) if k == "targets" else v
+                                           for k, v in changes.items()})
     t0 = time.perf_counter()
     runs = run_all(task, *loaded, recipe, regimes, seeds,
                    lambda total, desc: contextlib.nullcontext(_Quiet()))
@@ -132,7 +141,9 @@ def main() -> None:
     settings = GRIDS[args.grid] if args.grid else []
     if args.set is not None:
         changes = dict(item.split("=", 1) for item in args.set)
-        settings.append((tuple(args.regimes), {k: parse_value(v) for k, v in changes.items()}))
+        settings.append((tuple(args.regimes), {
+            k: tuple(v.split(",")) if k == "targets" else parse_value(v)
+            for k, v in changes.items()}))
     task = load(args.task)
     print(task.describe(), flush=True)
     loaded = load_encoder(default_model())

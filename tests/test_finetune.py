@@ -190,7 +190,10 @@ def bad_inputs(root: Path, tiny_model: Path, files: tuple[Path, Path]
                                val], "no such directory"),
         "train without val": (["--train", train], "give both --train and --val"),
         "bad targets": (["--model", str(tiny_model), "--train", train, "--val", val,
-                         "--targets", "nosuchmodule"], "--targets: "),
+                         "--targets", "nosuchmodule"], "--targets nosuchmodule: "),
+        # BERT's feed-forward output layer takes the intermediate width, not the hidden size
+        "parallel on bert": (["--model", str(tiny_model), "--train", train, "--val", val,
+                              "--placement", "parallel"], "inputs last dimension 64"),
     }
 
 
@@ -198,7 +201,7 @@ def bad_inputs(root: Path, tiny_model: Path, files: tuple[Path, Path]
                                   "wrong --label-column", "one label only", "empty csv",
                                   "empty jsonl", "unknown val label", "not an object",
                                   "model without weights", "model dir missing",
-                                  "train without val", "bad targets"])
+                                  "train without val", "bad targets", "parallel on bert"])
 def test_bad_input_one_line_exit_2(case: str, tiny_model: Path, files: tuple[Path, Path],
                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args, phrase = bad_inputs(tmp_path, tiny_model, files)[case]

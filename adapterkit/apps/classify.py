@@ -244,7 +244,7 @@ def build(regime: Regime, fresh_encoder: Callable[[], nn.Module], num_labels: in
     torch.manual_seed(seed)
     model = Classifier(fresh_encoder(), num_labels)
     if regime == "adapters":
-        targets: Any = recipe.targets[0] if recipe.targets == ("auto",) else list(recipe.targets)
+        targets: Any = recipe.targets[0] if len(recipe.targets) == 1 else list(recipe.targets)
         adapterkit.inject(model.encoder, targets, recipe.adapter_config())
     if regime != "full":
         adapterkit.freeze(model, train=trainable_entries(model, regime, recipe))

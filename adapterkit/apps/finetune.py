@@ -252,12 +252,16 @@ def finetune(args: argparse.Namespace, bar: Bar) -> int:
 
 def _check_targets(fresh: Callable[[], nn.Module], recipe: Recipe, regimes: Sequence[str]
                    ) -> None:
-    """Fail fast on targets that select nothing, before any training."""
-    if "adapters" in regimes:
-        try:
-            build("adapters", fresh, 2, recipe, 0)
-        except (ValueError, TypeError) as err:
-            raise DataError(f"--targets: {err}") from None
+    """Fail fast, before any training, on adapters that cannot go where ``--targets`` says:
+    a target that selects nothing, or one whose input or output is not the hidden state."""
+    if "adapters" not in regimes:
+        return
+    try:
+        model = build("adapters", fresh, 2, recipe, 0)
+        with torch.no_grad():
+            model(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
+    except (ValueError, TypeError) as err:
+        raise DataError(f"--targets {' '.join(recipe.targets)}: {err}") from None
 
 
 def add_parser(sub: Any, positive: Callable[[str], int], progress: Callable[[bool | None], Bar]
