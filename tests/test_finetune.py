@@ -100,6 +100,7 @@ def test_happy_path_every_regime_two_seeds(tiny_model: Path, files: tuple[Path, 
                                                                         n_encoder + n_head)
     assert regimes["adapters"]["trainable"] == n_adapters + n_norms + n_head
     assert regimes["adapters"]["total"] == n_encoder + n_head + n_adapters
+    assert results["recipe"]["probe"] is True  # the default: the head starts from a probe
     assert results["task"] == {"name": "train.csv / val.csv", "labels": ["animal", "money"],
                                "train": 48, "val": 16}
     # the adapters, LayerNorms and head were saved, reloaded into a fresh base, and agree
@@ -125,11 +126,13 @@ def test_jsonl_int_labels_epochs_and_the_saved_adapters_load(
     val.write_text("".join(json.dumps(r) + "\n" for r in rows[:9]))
     code, out, err = run(["--model", str(tiny_model), "--train", str(train), "--val", str(val),
                           "--text-column", "sentence", "--label-column", "y", "--epochs", "2",
-                          "--batch-size", "8", "--out", str(tmp_path / "out")], capsys)
+                          "--batch-size", "8", "--no-probe", "--out", str(tmp_path / "out")],
+                         capsys)
     assert code == 0, err
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["task"]["labels"] == ["0", "5", "10"]  # ints sort by value
     assert results["recipe"]["steps"] == 2 * 4  # 2 epochs of ceil(30 / 8) batches
+    assert results["recipe"]["probe"] is False
     # a user's own code reloads the saved set the same way
     model = Classifier(transformers.AutoModel.from_pretrained(tiny_model), 3)
     adapterkit.load_adapters(model, tmp_path / "out" / "adapters")

@@ -75,6 +75,8 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
     changes: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.targets is not None:
         changes["targets"] = tuple(args.targets)
+    if args.probe is not None:
+        changes["probe"] = args.probe
     if args.steps is not None and args.epochs is not None:
         raise DataError("give --steps or --epochs, not both")
     recipe = replace(Recipe(), **changes)
@@ -101,12 +103,11 @@ def run_all(task: Task, fresh: Callable[[], nn.Module], tokenizer: Any, recipe: 
         runs[regime] = []
         for seed in range(seeds):
             model = build(regime, fresh, len(task.labels), recipe, seed)
-            if regime == "head" and features is None:
+            if (regime == "head" or recipe.probe) and features is None:
                 features = _features(model, train, val, bar)
             with bar(steps, f"{regime}, seed {seed}") as progress:
                 run = train_run(regime, model, train, val, recipe, seed,
-                                lambda: progress.update(1),
-                                features if regime == "head" else None)
+                                lambda: progress.update(1), features)
             if runs[regime] or regime != "adapters":
                 run.model = None  # keep one model: the first adapters run's
             runs[regime].append(run)
@@ -118,7 +119,7 @@ def run_all(task: Task, fresh: Callable[[], nn.Module], tokenizer: Any, recipe: 
 def _features(model: Classifier, train: Encoded, val: Encoded,
               bar: Bar) -> tuple[torch.Tensor, torch.Tensor]:
     batches = sum(-(-len(d.ids) // 64) for d in (train, val))
-    with bar(batches, "head: features of the frozen encoder") as progress:
+    with bar(batches, "features of the frozen encoder") as progress:
         return tuple(pooled_features(model, d, lambda: progress.update(1))  # type: ignore
                      for d in (train, val))
 
@@ -297,6 +298,9 @@ def add_parser(sub: Any, positive: Callable[[str], int], progress: Callable[[boo
     p.add_argument("--scaling", type=float, help=f"(default: {d.scaling:g})")
     p.add_argument("--targets", nargs="+", metavar="T", help="modules to adapt, in the "
                    "selection grammar (default: auto)")
+    p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit the head on the frozen encoder's features before training the "
+                   f"encoder (default: {'on' if d.probe else 'off'})")
     p.add_argument("--batch-size", type=positive, help=f"(default: {d.batch_size})")
     p.add_argument("--max-length", type=positive, help=f"tokens per text (default: "
                    f"{d.max_length})")
