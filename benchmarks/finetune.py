@@ -41,7 +41,7 @@ from adapterkit.apps.classify import (
 )
 from adapterkit.apps.finetune import default_model, load_encoder
 
-SECTION = "Fine-tuning a pretrained encoder (benchmarks/finetune.py)"
+SECTION = "Fine-tuning: adapters vs PEFT LoRA (benchmarks/finetune.py)"
 RESULTS = common.ROOT / "benchmarks" / "results" / "finetune.json"
 VARIANTS = ("adapters", "full", "head", "lora")
 LORA_RANK = 8
@@ -60,20 +60,17 @@ def build_lora(fresh: Callable[[], nn.Module], num_labels: int, seed: int) -> Cl
     return model
 
 
-def run_variant(variant: str, fresh, task, train, val, recipe: Recipe, seeds: int
-                ) -> dict:
+def run_variant(variant: str, fresh, task, train, val, recipe: Recipe, seeds: int,
+                features: tuple) -> dict:
     common.reset_peak_rss()
-    runs, features = [], None
+    runs = []
     for seed in range(seeds):
         if variant == "lora":
             model = build_lora(fresh, len(task.labels), seed)
-            run = train_run("adapters", model, train, val, recipe, seed)
+            run = train_run("adapters", model, train, val, recipe, seed, features=features)
         else:
             model = build(variant, fresh, len(task.labels), recipe, seed)
-            if variant == "head" and features is None:
-                features = tuple(pooled_features(model, d) for d in (train, val))
-            run = train_run(variant, model, train, val, recipe, seed,
-                            features=features if variant == "head" else None)
+            run = train_run(variant, model, train, val, recipe, seed, features=features)
         runs.append(run)
         print(f"{variant}, seed {seed}: {100 * run.accuracy:.1f}% "
               f"({run.seconds:.0f} s)", flush=True)
@@ -99,11 +96,13 @@ def report(results: dict, command: str) -> str:
             f"({recipe['steps']} steps of {recipe['batch_size']}, max length "
             f"{recipe['max_length']}); LoRA: rank {LORA_RANK}, alpha {2 * LORA_RANK}, on "
             "query, key, value and every dense layer of the blocks, at the adapters' learning "
-            f"rate, with the head. {results['seeds']} seeds.\n\n"
+            f"rate, with the head (fitted first on the frozen features, as in every regime). "
+            f"{results['seeds']} seed(s).\n\n"
             + common.table(["variant", "accuracy %", "per seed", "trainable", "trainable %",
                             "step ms (median)", "peak RSS MiB"], rows)
             + "\n\nPeak RSS is the process's peak while that variant ran (reset before it), "
-            "model and data included; step time is one training step of 32 texts.")
+            f"model and data included; step time is one training step of {recipe['batch_size']} "
+            "texts.")
 
 
 def main() -> None:
@@ -127,9 +126,12 @@ def main() -> None:
                "recipe": {"steps": recipe.total_steps(len(train.ids)),
                           "batch_size": recipe.batch_size, "max_length": recipe.max_length},
                "adapterkit": adapterkit.__version__, "variants": {}}
+    # the frozen base's pooled features: the head regime trains on them, the probe starts on them
+    base = build("head", fresh, len(task.labels), recipe, 0)
+    features = tuple(pooled_features(base, d) for d in (train, val))
     for variant in args.variants:
         results["variants"][variant] = run_variant(variant, fresh, task, train, val, recipe,
-                                                   args.seeds)
+                                                   args.seeds, features)
     body = report(results, common.command_line())
     print(body)
     if not args.no_write:

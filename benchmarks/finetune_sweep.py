@@ -46,6 +46,26 @@ INTRO = ("Each row: the sweep's starting recipe (3 epochs of batches of 32, max 
          "(loaded by other jobs, so only roughly comparable). Tasks: `package` is the default "
          "task; `library` and `kind` are in benchmarks/finetune_tasks.py.")
 
+COMMANDS = """The rows came from these runs (`--set` rows are `--regimes adapters` unless said):
+
+```bash
+python benchmarks/finetune_sweep.py --grid recipe   # stopped after the warmup row
+python benchmarks/finetune_sweep.py --task library --grid core   # stopped after lr=2e-3
+python benchmarks/finetune_sweep.py --set epochs=6.0
+python benchmarks/finetune_sweep.py --set targets=auto:ffn bottleneck=64
+python benchmarks/finetune_sweep.py --set targets=query,value,output.dense bottleneck=20
+python benchmarks/finetune_sweep.py --set probe=true --regimes adapters full
+python benchmarks/finetune_sweep.py --set probe=true bottleneck=48
+python benchmarks/finetune_sweep.py --set probe=true batch_size=16
+python benchmarks/finetune_sweep.py --set probe=true lr=2e-3
+python benchmarks/finetune_sweep.py --set probe=true adapter_dropout=0.1
+python benchmarks/finetune_sweep.py --set probe=true bottleneck=48 batch_size=16
+python benchmarks/finetune_sweep.py --set probe=true batch_size=16 epochs=4.0
+```
+
+The machine was shared with three other agents' jobs (load average 4 to 9 on 2 cores), and
+up to five sweep runs ran at once, so the seconds are wall time under load, not costs."""
+
 # One lever at a time around the default, then the combinations that looked best.
 GRIDS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
     "recipe": [
@@ -127,7 +147,7 @@ class _Quiet:
 def table(rows: list[dict]) -> str:
     lines = []
     for row in rows:
-        changes = ", ".join(f"{k}={v}" for k, v in row["changes"].items()) or "(defaults)"
+        changes = ", ".join(f"{k}={v}" for k, v in row["changes"].items()) or "(start)"
         for regime, r in row["regimes"].items():
             lines.append((row["task"], regime, changes, row["seeds"], row["steps"],
                           f"{100 * r['accuracy']:.1f}",
@@ -154,9 +174,9 @@ def main() -> None:
         body = table(list(done(args.results).values()))
         print(body)
         if args.write:
-            common.write_section(SECTION, f"{INTRO}\n\n{body}", "python "
-                                 "benchmarks/finetune_sweep.py --grid recipe (and --set ..., "
-                                 "see the script); table: --table --write")
+            common.write_section(SECTION, f"{INTRO}\n\n{body}\n\n{COMMANDS}",
+                                 "python benchmarks/finetune_sweep.py --table --write (the "
+                                 "runs: below)")
         return
     settings = GRIDS[args.grid] if args.grid else []
     if args.set is not None:
