@@ -1,8 +1,8 @@
-"""``python -m adapterkit``: the command line (see ``adapterkit.cli``)."""
+"""``python -m adapterkit``: the command line (see ``adapterkit.apps.cli``)."""
 
 import sys
 
-from .cli import main
+from .apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

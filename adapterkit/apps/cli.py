@@ -1,5 +1,6 @@
-"""The ``adapterkit`` command line: the seed's workflows end to end, and dry runs of a plan.
+"""The ``adapterkit`` command line: fine-tuning, the seed's workflows, and dry runs of a plan.
 
+    adapterkit finetune [--model PATH] [--train FILE --val FILE] [--regimes R ...] (finetune.py)
     adapterkit demo [--quick] [--out DIR] [--data-a PATH] [--data-b PATH] [--seed N]
     adapterkit plan [--model gpt | module:callable] [--targets T ...]
 
@@ -30,10 +31,11 @@ from torch import nn
 
 import adapterkit
 
-from .config import AdapterConfig
+from ..config import AdapterConfig
+from ..report import format_table, percent
+from ..training import bits, evaluate
 from .data import DataError
-from .report import format_table, percent
-from .training import bits, evaluate
+from .finetune import add_parser as add_finetune_parser
 from .workflow import (
     CACHE_ENV,
     NORMS,
@@ -317,7 +319,8 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adapterkit", description="Bottleneck adapters for any PyTorch "
-                     "model: the seed's workflows end to end (demo) and dry runs (plan).")
+                     "model: fine-tuning a pretrained encoder (finetune), the seed's workflows "
+                     "end to end (demo) and dry runs (plan).")
     parser.add_argument("--version", action="version", version=adapterkit.__version__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("demo", help="pretrain the reference GPT on A, adapt it to B under "
@@ -351,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars on stderr (default: when stderr is a terminal)")
     d.set_defaults(run=demo)
+    add_finetune_parser(sub, _positive, lambda enabled: _progress_tools(enabled)[0])
     p = sub.add_parser("plan", help="dry run: what adapterkit.inject would do to a model",
                        description="Print adapterkit.plan(model, targets) for the reference "
                        "GPT or for the model a 'module:callable' factory returns.")

