@@ -196,7 +196,8 @@ def bad_inputs(root: Path, tiny_model: Path, files: tuple[Path, Path]
                          "--targets", "nosuchmodule"], "--targets nosuchmodule: "),
         # BERT's feed-forward output layer takes the intermediate width, not the hidden size
         "parallel on bert": (["--model", str(tiny_model), "--train", train, "--val", val,
-                              "--placement", "parallel"], "its input has width 64 and its output 32"),
+                              "--placement", "parallel"],
+                             "its input has width 64 and its output 32"),
     }
 
 
