@@ -128,8 +128,10 @@ def key_of(task: str, regimes: tuple[str, ...], changes: dict[str, Any], seeds: 
 
 def run_setting(task_name: str, task: Task, loaded: tuple, regimes: tuple[str, ...],
                 changes: dict[str, Any], seeds: int) -> dict[str, Any]:
-    recipe = replace(START, evals=1, **{k: tuple(v) if k == "targets" else v
-                                           for k, v in changes.items()})
+    fields = {k: tuple(v) if k == "targets" else v for k, v in changes.items()}
+    if "epochs" in fields:  # the sweep's `epochs` is every regime's, as it was when recorded
+        fields.setdefault("full_epochs", fields["epochs"])
+    recipe = replace(START, evals=1, **fields)
     t0 = time.perf_counter()
     runs = run_all(task, *loaded, recipe, regimes, seeds,
                    lambda total, desc: contextlib.nullcontext(_Quiet()))
