@@ -121,6 +121,12 @@ class AdapterConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout}")
         _check_number("scaling", self.scaling)
+        if self.scaling == 0:
+            raise ValueError(
+                "AdapterConfig.scaling must not be 0: it multiplies the adapter's output away, so "
+                "the model never changes and the adapters get no gradient; use scaling=1.0 "
+                "(the default), or disable a set with adapterkit.disabled / set_active"
+            )
         _check_number("init_std", self.init_std)
         if self.init_std < 0:
             raise ValueError(f"AdapterConfig.init_std must be >= 0, got {self.init_std}")

@@ -23,6 +23,7 @@ from adapterkit import Adapter, AdapterConfig, FreezeSpec
         ({"placement": "after"}, "placement"),
         ({"scaling": float("nan")}, "scaling"),
         ({"scaling": "2"}, "scaling"),
+        ({"scaling": 0.0}, "scaling must not be 0"),
         ({"init": "xavier"}, "init"),
         ({"init_std": -1.0}, "init_std"),
         ({"d_model": 0}, "d_model"),

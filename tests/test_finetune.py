@@ -231,9 +231,15 @@ def test_bad_input_one_line_exit_2(case: str, tiny_model: Path, files: tuple[Pat
 
 
 def test_bad_flag_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    for args in (["--seeds", "0"], ["--steps", "5", "--epochs", "1"], ["--regimes", "lora"]):
-        code, _, err = run(args, capsys)
+    cases = {("--seeds", "0"): "--seeds", ("--steps", "5", "--epochs", "1"): "--steps",
+             ("--regimes", "lora"): "--regimes", ("--epochs", "0"): "--epochs",
+             ("--full-epochs", "nan"): "--full-epochs", ("--epochs", "inf"): "--epochs",
+             ("--lr", "-1e-3"): "--lr", ("--head-lr", "x"): "--head-lr",
+             ("--scaling", "0"): "scaling must not be 0"}
+    for args, phrase in cases.items():
+        code, _, err = run(list(args), capsys)
         assert code == 2 and err.startswith("adapterkit: error: "), (args, err)
+        assert err.count("\n") == 1 and phrase in err, (args, err)
 
 
 def test_batches_cover_every_row_once_per_epoch() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -270,6 +271,17 @@ def _check_targets(fresh: Callable[[], nn.Module], recipe: Recipe, regimes: Sequ
         raise DataError(f"--targets {' '.join(recipe.targets)}: {err}") from None
 
 
+def _positive_number(text: str) -> float:
+    """argparse type: a finite number > 0 (epochs, learning rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def add_parser(sub: Any, positive: Callable[[str], int], progress: Callable[[bool | None], Bar]
                ) -> None:
     """Register ``finetune`` on the CLI's subparsers."""
@@ -291,15 +303,16 @@ def add_parser(sub: Any, positive: Callable[[str], int], progress: Callable[[boo
                    help="adapters (adapters, LayerNorms and head), full, head "
                    "(default: adapters)")
     p.add_argument("--seeds", type=positive, default=1, help="seeds per regime (default: 1)")
-    p.add_argument("--epochs", type=float, help=f"passes over the training texts "
+    p.add_argument("--epochs", type=_positive_number, help=f"passes over the training texts "
                    f"(default: {d.epochs:g})")
-    p.add_argument("--full-epochs", type=float, help=f"full fine-tuning's passes "
+    p.add_argument("--full-epochs", type=_positive_number, help=f"full fine-tuning's passes "
                    f"(default: {d.full_epochs:g})")
     p.add_argument("--steps", type=positive, help="training steps of every regime (instead of "
                    "--epochs and --full-epochs)")
-    p.add_argument("--lr", type=float, help=f"adapters' learning rate (default: {d.lr:g})")
-    p.add_argument("--full-lr", type=float, help=f"full fine-tuning's (default: {d.full_lr:g})")
-    p.add_argument("--head-lr", type=float, help=f"the head's (default: {d.head_lr:g})")
+    number = _positive_number
+    p.add_argument("--lr", type=number, help=f"adapters' learning rate (default: {d.lr:g})")
+    p.add_argument("--full-lr", type=number, help=f"full fine-tuning's (default: {d.full_lr:g})")
+    p.add_argument("--head-lr", type=number, help=f"the head's (default: {d.head_lr:g})")
     p.add_argument("--bottleneck", type=positive, help=f"(default: {d.bottleneck})")
     p.add_argument("--placement", choices=["sequential", "parallel"],
                    help=f"(default: {d.placement})")
