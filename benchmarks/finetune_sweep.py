@@ -70,14 +70,19 @@ The machine was shared with three other agents' jobs (load average 4 to 9 on 2 c
 up to five sweep runs ran at once, so the seconds are wall time under load, not costs."""
 
 # One lever at a time around the default, then the combinations that looked best.
-GRIDS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
+Setting = tuple[tuple[str, ...], dict[str, Any]]
+# the levers that moved most on the default task, also run on other tasks
+CORE: list[Setting] = [
+    (("full",), {}),
+    (("full",), {"full_lr": 1e-4}),
+    (("adapters",), {}),
+    (("head",), {}),
+    (("adapters",), {"lr": 2e-3}),
+    (("adapters",), {"bottleneck": 48}),
+]
+GRIDS: dict[str, list[Setting]] = {
     "recipe": [
-        (("full",), {}),
-        (("full",), {"full_lr": 1e-4}),
-        (("adapters",), {}),
-        (("head",), {}),
-        (("adapters",), {"lr": 2e-3}),
-        (("adapters",), {"bottleneck": 48}),
+        *CORE,
         (("adapters",), {"epochs": 6.0}),
         (("adapters", "full"), {"epochs": 2.0}),
         (("full",), {"full_lr": 2e-5}),
@@ -89,15 +94,7 @@ GRIDS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
         (("adapters",), {"bottleneck": 16}),
         (("head",), {"head_lr": 1e-2}),
     ],
-    # the levers that moved most on the default task, to check them on other tasks
-    "core": [
-        (("full",), {}),
-        (("full",), {"full_lr": 1e-4}),
-        (("adapters",), {}),
-        (("head",), {}),
-        (("adapters",), {"lr": 2e-3}),
-        (("adapters",), {"bottleneck": 48}),
-    ],
+    "core": CORE,
 }
 
 
@@ -183,7 +180,7 @@ def main() -> None:
                                  "python benchmarks/finetune_sweep.py --table --write (the "
                                  "runs: below)")
         return
-    settings = GRIDS[args.grid] if args.grid else []
+    settings = list(GRIDS[args.grid]) if args.grid else []
     if args.set is not None:
         changes = dict(item.split("=", 1) for item in args.set)
         settings.append((tuple(args.regimes), {

@@ -17,7 +17,6 @@ import ast
 import csv
 import hashlib
 import inspect
-import io
 import sys
 import sysconfig
 import tokenize
@@ -27,12 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapterkit.apps.data import _comment_blocks, stdlib_files, stdlib_root  # noqa: E402
+from adapterkit.apps.data import stdlib_files, stdlib_root  # noqa: E402
 from adapterkit.apps.textdata import (  # noqa: E402
     DEFAULT_PACKAGES,
     MIN_CHARS,
     Pair,
     Task,
+    comment_blocks_of,
     make_task,
     package_task,
     split_files,
@@ -68,11 +68,9 @@ def _prose_with_kind(source: str) -> list[tuple[str, str]]:
         kind = next((k for t, k in kinds if isinstance(node, t)), None)
         if kind and (doc := ast.get_docstring(node)):
             found.append((inspect.cleandoc(doc), kind))
-    comments = [(tok.start[0] - 1, tok.string, not tok.line[:tok.start[1]].strip())
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-                if tok.type == tokenize.COMMENT]
-    found += [(text, "comment") for _, text in _comment_blocks(comments)]
-    return [(" ".join(t.split()), k) for t, k in found if len(" ".join(t.split())) >= MIN_CHARS]
+    found += [(text, "comment") for text in comment_blocks_of(source)]
+    flat = ((" ".join(t.split()), k) for t, k in found)
+    return [(t, k) for t, k in flat if len(t) >= MIN_CHARS]
 
 
 def _capped_split(name: str, by_label: dict[str, dict[str, list[Pair]]]) -> Task:

@@ -38,6 +38,7 @@ from .classify import (
     accuracy,
     build,
     encode,
+    eval_order,
     load_encoder,
     pooled_features,
     predict,
@@ -119,7 +120,7 @@ def run_all(task: Task, fresh: Callable[[], nn.Module], tokenizer: Any, recipe: 
 
 def _features(model: Classifier, train: Encoded, val: Encoded,
               bar: Bar) -> tuple[torch.Tensor, torch.Tensor]:
-    batches = sum(-(-len(d.ids) // 64) for d in (train, val))
+    batches = sum(len(eval_order([len(i) for i in d.ids])) for d in (train, val))
     with bar(batches, "features of the frozen encoder") as progress:
         return tuple(pooled_features(model, d, lambda: progress.update(1))  # type: ignore
                      for d in (train, val))
@@ -190,9 +191,10 @@ def plot_curves(summary: dict[str, dict[str, Any]], path: Path, title: str) -> b
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (regime, s) in enumerate(summary.items()):
         for j, curve in enumerate(s["curves"]):
-            ax.plot([0] + [p[0] for p in curve], [None] + [100 * p[1] for p in curve],
-                    marker=".", color=f"C{i}", alpha=1.0 if j == 0 else 0.5,
+            ax.plot([p[0] for p in curve], [100 * p[1] for p in curve], marker=".",
+                    color=f"C{i}", alpha=1.0 if j == 0 else 0.5,
                     label=f"{regime} ({100 * s['accuracy']:.1f}%)" if j == 0 else None)
+    ax.set_xlim(left=0)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title, fontsize=9)

@@ -201,11 +201,16 @@ def prose_of(source: str, min_chars: int = MIN_CHARS) -> list[str]:
 
     tree = ast.parse(source)
     texts = [inspect.cleandoc(expr.value.value) for expr, _ in _docstring_nodes(tree)]
+    flat = (" ".join(t.split()) for t in texts + comment_blocks_of(source))
+    return [t for t in flat if len(t) >= min_chars]
+
+
+def comment_blocks_of(source: str) -> list[str]:
+    """The comment blocks of Python source (consecutive whole-line comments), in order."""
     comments = [(tok.start[0] - 1, tok.string, not tok.line[:tok.start[1]].strip())
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline)
                 if tok.type == tokenize.COMMENT]
-    texts += [text for _, text in _comment_blocks(comments)]
-    return [" ".join(t.split()) for t in texts if len(" ".join(t.split())) >= min_chars]
+    return [text for _, text in _comment_blocks(comments)]
 
 
 def _file_key(relative: str) -> str:
