@@ -17,7 +17,7 @@ import adapterkit
 
 transformers = pytest.importorskip("transformers", reason="needs the 'hf' extra")
 
-from adapterkit.apps import cli, finetune  # noqa: E402
+from adapterkit.apps import classify, cli, finetune  # noqa: E402
 from adapterkit.apps.classify import Classifier, train_order  # noqa: E402
 
 WORDS = ("cat dog bird fish horse mouse stock bond price market trade bank red green blue "
@@ -151,6 +151,30 @@ def test_full_fine_tuning_runs_its_own_epochs(tiny_model: Path, files: tuple[Pat
     assert (results["recipe"]["steps"], results["recipe"]["full_steps"]) == (2 * 3, 1 * 3)
     assert results["regimes"]["adapters"]["curves"][0][-1][0] == 6  # 48 texts, batches of 16
     assert results["regimes"]["full"]["curves"][0][-1][0] == 3
+
+
+def test_the_probe_is_the_same_whatever_the_regimes_length(
+        tiny_model: Path, files: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fits: list[tuple[str, int]] = []
+    original = classify._fit
+
+    def spy(model, params, order, recipe, train, on_features, regime, val=None, *a, **k):
+        if val is None:  # the probe: the head fitted on the frozen features
+            fits.append((regime, len(order)))
+        return original(model, params, order, recipe, train, on_features, regime, val, *a, **k)
+
+    monkeypatch.setattr(classify, "_fit", spy)
+    code, _, err = run(["--model", str(tiny_model), "--train", str(files[0]), "--val",
+                        str(files[1]), "--regimes", "adapters", "full", "head", "--epochs", "2",
+                        "--full-epochs", "1", "--batch-size", "16", "--out",
+                        str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert fits == [("head", 6), ("head", 6)]  # adapters' and full's probe: 2 epochs, as head
+    regimes = json.loads((tmp_path / "out" / "results.json").read_text())["regimes"]
+    # so both start (step 0) where the head regime, which is that probe, ends
+    head = regimes["head"]["accuracies"][0]
+    assert regimes["adapters"]["curves"][0][0] == regimes["full"]["curves"][0][0] == [0, head]
 
 
 def test_reload_mismatch_exits_1(tiny_model: Path, files: tuple[Path, Path], tmp_path: Path,

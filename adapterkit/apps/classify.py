@@ -314,13 +314,18 @@ def train_run(regime: Regime, model: Classifier, train: Encoded, val: Encoded, r
     them before training the encoder.
     """
     steps = recipe.total_steps(len(train.ids), regime)
-    order = train_order([len(i) for i in train.ids], recipe.batch_size, steps,
-                        torch.Generator().manual_seed(seed))
+    # the probe is the head regime's run, the same for every regime whatever its length;
+    # both take their batches from the front of one order
+    probe_steps = recipe.total_steps(len(train.ids), "head")
+    order = train_order([len(i) for i in train.ids], recipe.batch_size,
+                        max(steps, probe_steps), torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)  # dropout masks
     start = time.perf_counter()
     if regime != "head" and recipe.probe:
         assert features is not None, "recipe.probe needs the frozen encoder's features"
-        _fit(model, model.head.parameters(), order, recipe, train, features[0], "head")
+        _fit(model, model.head.parameters(), order[:probe_steps], recipe, train, features[0],
+             "head")
+    order = order[:steps]
     on_features = features[0] if regime == "head" else None
     # at step 0 the encoder is the frozen base (adapters start as the identity), so the
     # features give its accuracy without a pass over the texts
