@@ -10,19 +10,31 @@
 """
 
 from .adapter import Adapter
-from .average import Average, average, average_sets
-from .checkpoint import load_adapters, save_adapters
-from .config import AdapterConfig, FreezeSpec
-from .freeze import FreezeReport, freeze, trainable_parameters
-from .fusion import AdapterFusion, FusionConfig, fuse
+from .compose import (
+    AdapterFusion,
+    Average,
+    Merged,
+    average,
+    average_sets,
+    fuse,
+    merge,
+    routed,
+    unmerge,
+)
+from .config import AdapterConfig, FreezeSpec, FusionConfig
+from .errors import (
+    AdapterFileError,
+    LayoutError,
+    NoGradientError,
+    UninitialisedAdapterError,
+    UntraceableModelError,
+)
+from .freezing import FreezeReport, freeze, trainable_parameters
 from .fx import calls
-from .lifecycle import active, adapters, disabled, eject, inject, set_active
-from .merge import Merged, merge, unmerge
-from .plan import Plan, PlanRow, plan
+from .io import load_adapters, save_adapters
+from .lifecycle import active, adapters, disabled, eject, inject, reset_adapters, set_active
 from .presets import auto_targets
-from .report import Summary, summary
-from .reset import reset_adapters
-from .routing import routed
+from .report import Plan, PlanRow, Summary, plan, summary
 from .training import TwoPhaseResult, train_two_phase
 
 __version__ = "0.1.0"
@@ -30,16 +42,21 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "AdapterConfig",
+    "AdapterFileError",
     "AdapterFusion",
     "Average",
     "FreezeReport",
     "FreezeSpec",
     "FusionConfig",
+    "LayoutError",
     "Merged",
+    "NoGradientError",
     "Plan",
     "PlanRow",
     "Summary",
     "TwoPhaseResult",
+    "UninitialisedAdapterError",
+    "UntraceableModelError",
     "active",
     "adapters",
     "auto_targets",

@@ -1,6 +1,7 @@
-"""Configuration objects: what an adapter looks like and what a freeze keeps trainable.
+"""Configuration objects: what an adapter looks like, what a freeze keeps trainable, and what a
+fusion fuses.
 
-Both are frozen dataclasses that validate themselves on construction and turn into plain
+All are frozen dataclasses that validate themselves on construction and turn into plain
 dicts (for JSON) and back.
 """
 
@@ -184,7 +185,9 @@ def from_known_fields(cls: type[T], data: object) -> T:
     return cls(**data)
 
 
-def _as_entries(name: str, value: object) -> tuple[str, ...]:
+def as_entries(name: str, value: object) -> tuple[str, ...]:
+    """A spec field given as one entry (a string) or a list of them, as a tuple; a string is
+    one entry, where ``tuple("adapters")`` would split it into characters."""
     if isinstance(value, str):
         return (value,)
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -210,8 +213,8 @@ class FreezeSpec:
     freeze: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "train", _as_entries("train", self.train))
-        object.__setattr__(self, "freeze", _as_entries("freeze", self.freeze))
+        object.__setattr__(self, "train", as_entries("train", self.train))
+        object.__setattr__(self, "freeze", as_entries("freeze", self.freeze))
 
     def to_dict(self) -> dict[str, list[str]]:
         return {"train": list(self.train), "freeze": list(self.freeze)}
@@ -230,9 +233,57 @@ class FreezeSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FreezeSpec:
-        if not isinstance(data, dict):
-            raise ValueError(f"a FreezeSpec must be a dict, got {type(data).__name__}")
-        unknown = sorted(set(data) - {"train", "freeze"})
-        if unknown:
-            raise ValueError(f"unknown FreezeSpec field(s) {unknown}; known: ['freeze', 'train']")
-        return cls(**data)
+        """Build from a dict, refusing fields this version does not know."""
+        return from_known_fields(cls, data)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """What a fusion set fuses, and how its attention starts.
+
+    Example:
+        >>> FusionConfig(sets=("a", "b")).to_dict()
+        {'sets': ['a', 'b'], 'dropout': 0.0, 'key_init_std': 0.02, 'output_key': None}
+        >>> FusionConfig(sets=("a",))
+        Traceback (most recent call last):
+        ...
+        ValueError: FusionConfig.sets must name at least two different sets, got ('a',)
+    """
+
+    sets: tuple[str, ...]
+    dropout: float = 0.0  # on the attention scores, as AdapterHub's attention_probs_dropout_prob
+    # std of the key projection's initial weights (AdapterHub's init_bert_weights: 0.02); 0
+    # would leave query and key without a gradient for ever, since the query starts at zero
+    key_init_std: float = 0.02
+    output_key: int | str | None = None  # the fused sets' output_key: what they all adapt
+
+    def __post_init__(self) -> None:
+        sets = self.sets
+        if isinstance(sets, str) or not isinstance(sets, (list, tuple)):
+            raise ValueError(f"FusionConfig.sets must be a list of set names, got {sets!r}")
+        object.__setattr__(self, "sets", tuple(sets))
+        distinct = set(sets)
+        if not all(isinstance(s, str) for s in sets) or len(distinct) < 2 or len(distinct) != len(
+                sets):
+            raise ValueError(
+                f"FusionConfig.sets must name at least two different sets, got {self.sets!r}"
+            )
+        for name, value in (("dropout", self.dropout), ("key_init_std", self.key_init_std)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value):
+                raise ValueError(f"FusionConfig.{name} must be a finite number, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"FusionConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.key_init_std <= 0:
+            raise ValueError(
+                f"FusionConfig.key_init_std must be > 0, got {self.key_init_std}: the query "
+                "starts at zero, and with a zero key too neither would ever get a gradient"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "sets": list(self.sets)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FusionConfig:
+        """Build from a dict, refusing fields this version does not know."""
+        return from_known_fields(cls, data)

@@ -39,6 +39,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .adapter import Adapter
 from .config import AdapterConfig
+from .errors import LayoutError
 
 LAST = -1
 
@@ -54,9 +55,6 @@ class Layout:
     def channels_first(self) -> bool:
         return self.feature_dim != LAST
 
-
-class LayoutError(ValueError):
-    """The width or the feature axis of a module's output cannot be known."""
 
 
 def _size(value: object) -> int | None:

@@ -1,20 +1,47 @@
-"""The public verbs on a model: inject, eject, list, switch and disable adapter sets."""
+"""The public verbs on a model's sets: inject, eject, list, switch, disable and reset them.
+
+``inject`` wraps modules by name (``surgery.attach``); other injection methods (``"fx"``)
+register themselves here (``register_method``), so that this layer never imports the modes
+built on top of it.
+
+Re-initialising: a model built on ``meta`` gets adapters on ``meta`` too. ``to_empty`` then
+gives them uninitialised memory, and a base checkpoint holds no adapter weights:
+``reset_adapters`` (or ``load_adapters``) is the step that makes the model the base again (or
+the trained model).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from itertools import chain
+from typing import Literal, NamedTuple
 
+import torch
 from torch import nn
 
+from . import state
 from .adapter import Adapter
-from .average import Average
 from .config import AdapterConfig
-from .fusion import AdapterFusion, fusion_users
 from .select import Targets
-from .surgery import attach, current_active, detach, store_active
-from .tree import adapted_modules, set_names
+from .slot import Composition
+from .surgery import attach, detach, store_active
+from .tree import adapted_modules, composed_sets, require_sets, set_names
+
+
+class Method(NamedTuple):
+    """An injection method other than wrapping modules: how it injects and ejects."""
+
+    inject: Callable[..., nn.Module]
+    eject: Callable[[nn.Module, str | None], nn.Module]
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, method: Method) -> None:
+    """Make ``inject(..., method=name)`` available (``adapterkit.fx`` registers ``"fx"``)."""
+    _METHODS[name] = method
 
 
 def inject(
@@ -53,13 +80,11 @@ def inject(
         True
     """
     config = AdapterConfig() if config is None else config
-    if method == "fx":
-        from .fx import inject_fx
-
-        return inject_fx(model, targets, config, name=name, example_inputs=example_inputs,
-                         **fx_options)
+    if method in _METHODS:
+        return _METHODS[method].inject(model, targets, config, name=name,
+                                       example_inputs=example_inputs, **fx_options)
     if method != "modules":
-        raise ValueError(f"method must be 'modules' or 'fx', got {method!r}")
+        raise ValueError(f"method must be one of {['modules', *_METHODS]}, got {method!r}")
     if fx_options:
         raise TypeError(f"options {sorted(fx_options)} apply only to method='fx'")
     attach(model, expand_presets(model, targets), config, name, example_inputs=example_inputs)
@@ -93,30 +118,26 @@ def eject(model: nn.Module, name: str | None = None) -> nn.Module:
         >>> type(model[0]) is nn.Linear, list(model.state_dict()) == keys
         (True, True)
     """
-    known = set_names(model)
     if name is not None:
-        if name not in known:
-            raise ValueError(f"no adapter set named {name!r}; injected sets: {known}")
+        require_sets(model, name)
         check_unused(model, [name], "eject")
-    if getattr(model, "_adapterkit_fx_base", None) is not None:  # made by method="fx"
-        from .fx import eject_fx
-
-        return eject_fx(model, name)
-    detach(model, known if name is None else [name])
+    if state.graph_base(model) is not None:  # made by method="fx"
+        return _METHODS["fx"].eject(model, name)
+    detach(model, set_names(model) if name is None else [name])
     return model
 
 
 def check_unused(model: nn.Module, names: Sequence[str], verb: str) -> None:
     """Refuse to remove sets that a fusion, or an active composition, still uses."""
     drop = set(names)
-    for fusion, sets in fusion_users(model).items():
+    for fusion, sets in composed_sets(model).items():
         used = [s for s in sets if s in drop]
         if used and fusion not in drop:
             raise ValueError(
                 f"cannot {verb} set '{used[0]}': fusion '{fusion}' fuses it; "
                 f"eject(model, '{fusion}') first"
             )
-    for entry in current_active(model):
+    for entry in state.active(model):
         if not isinstance(entry, str) and drop & set(entry.sets):
             raise ValueError(
                 f"cannot {verb} set '{sorted(drop & set(entry.sets))[0]}': the active {entry} "
@@ -124,37 +145,42 @@ def check_unused(model: nn.Module, names: Sequence[str], verb: str) -> None:
             )
 
 
-def adapters(model: nn.Module, name: str | None = None) -> dict[str, Adapter | AdapterFusion]:
+def adapters(model: nn.Module, name: str | None = None) -> dict[str, nn.Module]:
     """The injected adapters (and fusions), keyed by the qualified name of the wrapped module.
 
     With ``name``, only that set's. Without, every set's; when the model holds several sets,
     each key carries its set as a suffix: ``decoder_blocks.0.mha_block[a]``.
     """
-    known = set_names(model)
-    if name is not None and name not in known:
-        raise ValueError(f"no adapter set named {name!r}; injected sets: {known}")
-    tag = name is None and len(known) > 1
-    found: dict[str, Adapter | AdapterFusion] = {}
+    if name is not None:
+        require_sets(model, name)
+    tag = name is None and len(set_names(model)) > 1
+    found: dict[str, nn.Module] = {}
     for qname, _, slot in adapted_modules(model):
         for set_name, adapter in slot.items():
             if name is None or set_name == name:
-                found[f"{qname}[{set_name}]" if tag else qname] = adapter  # type: ignore[assignment]
+                found[f"{qname}[{set_name}]" if tag else qname] = adapter
     return found
 
 
-# What the active list holds: set names, and compositions of sets (``average(...)``).
-Entry = str | Average
+# What the active list holds: set names, and compositions of sets (``average(...)``): plain
+# objects that follow slot.Composition (a fusion module is active by its set name instead).
+Entry = str | Composition
+
+
+def _is_entry(value: object) -> bool:
+    return isinstance(value, str) or (isinstance(value, Composition)
+                                       and not isinstance(value, nn.Module))
 
 
 def as_entries(names: Entry | Sequence[Entry] | None) -> list[Entry]:
     """``names`` as a list of active-list entries; None is the base model (no entry)."""
     if names is None:
         return []
-    if isinstance(names, (str, Average)):
-        return [names]
+    if _is_entry(names):
+        return [names]  # type: ignore[list-item]
     if not isinstance(names, Sequence):
         raise TypeError(f"give a set name, average(...) or a list of them, got {names!r}")
-    bad = [n for n in names if not isinstance(n, (str, Average))]
+    bad = [n for n in names if not _is_entry(n)]
     if bad:
         raise TypeError(f"an active entry is a set name or average(...), got {bad[0]!r}")
     return list(names)
@@ -162,7 +188,7 @@ def as_entries(names: Entry | Sequence[Entry] | None) -> list[Entry]:
 
 def active(model: nn.Module) -> list[Entry]:
     """The active sets, in the order they are applied on a module that holds several."""
-    return current_active(model)
+    return state.active(model)
 
 
 def set_active(model: nn.Module, names: Entry | Sequence[Entry]) -> None:
@@ -186,9 +212,94 @@ def set_active(model: nn.Module, names: Entry | Sequence[Entry]) -> None:
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block; the active sets come back on exit, error or not."""
-    before = current_active(model)
+    before = state.active(model)
     set_active(model, [])
     try:
         yield model
     finally:
         set_active(model, before)
+
+
+# -- re-initialising -------------------------------------------------------------------------
+
+
+def real_device(*modules: nn.Module) -> torch.device | None:
+    """The device of the first tensor, in ``modules``, that is not on ``meta``."""
+    for module in modules:
+        for t in chain(module.parameters(), module.buffers()):
+            if not t.is_meta:
+                return t.device
+    return None
+
+
+def _selected(model: nn.Module, name: str | None) -> list[tuple[nn.Module, Adapter]]:
+    """``(module whose device the adapter takes, adapter)`` for every adapter of ``name``."""
+    if name is not None:
+        require_sets(model, name)
+    return [
+        (owner if owner is not None else model, adapter)  # type: ignore[misc]
+        for _, owner, slot in adapted_modules(model)
+        for set_name, adapter in slot.items()
+        if name is None or set_name == name
+    ]
+
+
+def check_not_meta(model: nn.Module, modules: dict[str, nn.Module], what: str) -> None:
+    """Refuse ``what`` (e.g. loading adapters) when one of ``modules`` is all on ``meta``:
+    weights put there now would be lost at ``to_empty``."""
+    on_meta = [name for name, module in modules.items() if real_device(module, model) is None]
+    if on_meta:
+        raise ValueError(
+            f"{what} into a model on the meta device (module '{on_meta[0]}' has no memory): "
+            "the weights would be lost at to_empty. Call model.to_empty(device=...) and load "
+            "the base weights first"
+        )
+
+
+def materialize(model: nn.Module, name: str | None = None) -> None:
+    """Give adapters still on ``meta`` real, uninitialised memory where their module lives.
+
+    Checks every adapter before it moves one: a model whose modules are all on ``meta``
+    is refused (the adapters would be lost again at ``to_empty``).
+    """
+    moves = []
+    for home, adapter in _selected(model, name):
+        if any(p.is_meta for p in adapter.parameters()):
+            device = real_device(home, model)
+            if device is None:
+                raise ValueError(
+                    "the model is on the meta device: call model.to_empty(device=...) and load "
+                    "the base weights first, then reset or load the adapters"
+                )
+            moves.append((adapter, device))
+    for adapter, device in moves:
+        adapter.to_empty(device=device)
+
+
+def reset_adapters(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Put the adapters of set ``name`` (default: every set) back to their config's init.
+
+    ``down`` is drawn as ``nn.Linear`` draws it and ``up`` follows ``AdapterConfig.init``
+    (zero: the model is the base again, exactly). In place: parameters keep their identity,
+    so an optimizer over them stays valid. Adapters still on the ``meta`` device get memory on
+    the device of the module they wrap first. Returns ``model``.
+
+    Example:
+        >>> import torch, adapterkit
+        >>> with torch.device("meta"):  # a big model: built without memory
+        ...     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> model = adapterkit.inject(model, ["0"], adapterkit.AdapterConfig(bottleneck=4))
+        >>> base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> model = model.to_empty(device="cpu")
+        >>> model.load_state_dict(base.state_dict(), strict=False).unexpected_keys
+        []
+        >>> model = adapterkit.reset_adapters(model)  # else they hold uninitialised memory
+        >>> x = torch.randn(3, 8)
+        >>> bool(torch.equal(model(x), base(x)))
+        True
+    """
+    selected = _selected(model, name)
+    materialize(model, name)
+    for _, adapter in selected:
+        adapter.reset_parameters()
+    return model

@@ -35,7 +35,7 @@ from typing import Literal
 from torch import nn
 
 from .select import compile_selector
-from .surgery import _NEVER_CALLED
+from .surgery import NEVER_CALLED
 from .tree import candidates, original_class
 
 Role = Literal["attention", "ffn"]
@@ -236,7 +236,7 @@ def _output_of(name: str, child: nn.Module, role: Role) -> str:
     path, _ = linears[-1]
     parent_path, _, leaf = path.rpartition(".")
     parent = child.get_submodule(parent_path)
-    if any(isinstance(parent, cls) and leaf == attr for cls, attr in _NEVER_CALLED):
+    if any(isinstance(parent, cls) and leaf == attr for cls, attr in NEVER_CALLED):
         path = parent_path  # its parent computes with its weights and never calls it
     return _join(name, path)
 

@@ -73,7 +73,12 @@ def _recording(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[Call]]]
             handle.remove()
 
 
-def _fake_run(model: nn.Module, example_inputs: Any) -> None:
+def fake_run(model: nn.Module, example_inputs: Any) -> Any:
+    """``model`` called on ``example_inputs`` (a tensor: ``model(x)``; a tuple or list:
+    ``model(*x)``; a dict: ``model(**x)``) with every tensor fake: nothing is computed, no
+    random number is drawn, and in-place state updates (BatchNorm statistics) land on the
+    fakes, never on the model. Inputs go to ``meta`` when the model is there. Returns the
+    (fake) output."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     on_meta = any(p.is_meta for p in model.parameters())
@@ -83,7 +88,7 @@ def _fake_run(model: nn.Module, example_inputs: Any) -> None:
             *model.named_parameters(remove_duplicate=False),
             *model.named_buffers(remove_duplicate=False))}
         inputs = _map_tensors(inputs, mode.from_tensor)
-        torch.func.functional_call(model, state, _as_args(inputs), _as_kwargs(inputs))
+        return torch.func.functional_call(model, state, _as_args(inputs), _as_kwargs(inputs))
 
 
 def _real_run(model: nn.Module, example_inputs: Any) -> None:
@@ -109,7 +114,7 @@ def observe(model: nn.Module, modules: dict[str, nn.Module],
     ``model(*x)``; a dict: ``model(**x)``) and return every call of each of ``modules``."""
     with _recording(modules) as calls, torch.random.fork_rng(devices=[]):
         try:
-            _fake_run(model, example_inputs)
+            fake_run(model, example_inputs)
             return calls
         except Exception as err:  # noqa: BLE001 - retried for real, reported if that fails
             log.debug("fake-tensor run failed (%s); running for real", err)

@@ -8,18 +8,39 @@ one adapter per set. Its parameters therefore appear as
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from . import guards
-from .adapter import Adapter
-from .config import FreezeSpec
+from .adapter import Adapter, check_forward
 from .outputs import TENSOR_LIKE, find_hidden, first_tensor, get_path, replace_path
 
+if TYPE_CHECKING:
+    from .state import ModelState
+
 SLOT = "adapterkit"
+
+
+@runtime_checkable
+class Composition(Protocol):
+    """What a composition of sets provides to a slot: an ``average(...)`` entry of the
+    active list, or a fusion module held in the slot under its own name.
+
+    ``delta`` returns what the composition adds to ``hidden`` at ``slot``; it gets its sets'
+    branches from ``slot.delta``.
+    """
+
+    @property
+    def sets(self) -> tuple[str, ...]: ...
+
+    def present(self, slot: AdapterSlot) -> bool: ...
+
+    def output_key(self, slot: AdapterSlot) -> Any: ...
+
+    def delta(self, slot: AdapterSlot, hidden: torch.Tensor, args: tuple,
+              kwargs: dict) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -46,17 +67,18 @@ class AdapterSlot(nn.ModuleDict):
         super().__init__()
         self.target_name = target_name  # for error messages only
         self.rnn = rnn
-        # The model-wide list of active sets (and compositions, such as average(...)); every
-        # slot holds the same tuple and applies those of its own adapters that it names, in
-        # that order.
-        self.active: tuple[Any, ...] = ()
-        self.freeze_spec: FreezeSpec | None = None  # the last spec applied, saved with sets
-        self.route: Any = None  # set inside adapterkit.routed(): a routing.Route
+        # The model-wide state (state.py), shared by every slot of the model: the active list,
+        # whose entries this slot applies where it holds them, in that order, and the route
+        # inside adapterkit.routed(). Set by state.join when the slot joins a model.
+        self.shared: ModelState | None = None
 
     def run(self, output: Any, args: tuple, kwargs: dict) -> Any:
-        if self.route is not None:  # adapterkit.routed(): each example its own sets
-            return self.route.run(self, output, args, kwargs)
-        return self.apply_entries(self.active, output, args, kwargs)
+        shared = self.shared
+        if shared is None:
+            return output  # not part of a model yet
+        if shared.route is not None:  # adapterkit.routed(): each example its own sets
+            return shared.route.run(self, output, args, kwargs)
+        return self.apply_entries(shared.active, output, args, kwargs)
 
     def apply_entries(self, entries: tuple, output: Any, args: tuple, kwargs: dict) -> Any:
         """Apply ``entries`` (set names, or compositions such as ``average(...)``) in order;
@@ -93,18 +115,18 @@ class AdapterSlot(nn.ModuleDict):
                 "returns its hidden state"
             )
         hidden = get_path(output, path)
-        return replace_path(output, path, hidden + self._delta(name, adapter, hidden, args,
-                                                               kwargs))
+        return replace_path(output, path, hidden + self.delta(name, adapter, hidden, args,
+                                                              kwargs))
 
-    def _delta(self, name: str, adapter: Any, hidden: torch.Tensor, args: tuple,
-               kwargs: dict) -> torch.Tensor:
-        """What an entry adds to ``hidden``: an adapter's branch, of the output or of the
-        input; a composition's (fusion, average) mix of its sets' deltas."""
+    def delta(self, name: str, adapter: Adapter | Composition, hidden: torch.Tensor,
+              args: tuple, kwargs: dict) -> torch.Tensor:
+        """What entry ``name`` (run by ``adapter``) adds to ``hidden``: an adapter's branch, of
+        the output or of the input; a composition's (fusion, average) mix of its sets'."""
         if not isinstance(adapter, Adapter):
             return adapter.delta(self, hidden, args, kwargs)
         self._check(name, adapter, hidden, "output")
         if not isinstance(hidden, torch.fx.Proxy):
-            guards.check_forward(self.target_name, name, adapter, hidden)
+            check_forward(self.target_name, name, adapter, hidden)
         if adapter.config.placement == "sequential":
             return adapter.branch(hidden)
         x = first_tensor(args, kwargs)
@@ -129,7 +151,7 @@ class AdapterSlot(nn.ModuleDict):
         state, which is that sequence's last step (the backward direction's first)."""
         seq, state = output
         data = seq.data if isinstance(seq, PackedSequence) else seq
-        delta = self._delta(name, adapter, data, args, kwargs)
+        delta = self.delta(name, adapter, data, args, kwargs)
         if isinstance(seq, PackedSequence):
             new_seq = PackedSequence(data + delta, seq.batch_sizes, seq.sorted_indices,
                                      seq.unsorted_indices)
@@ -155,7 +177,7 @@ class AdapterSlot(nn.ModuleDict):
             )
 
     def extra_repr(self) -> str:
-        return f"active={list(self.active)}"
+        return f"active={list(self.shared.active) if self.shared else []}"
 
 
 def _final_state_delta(rnn: RNNState, seq: Any, delta: torch.Tensor,

@@ -5,6 +5,10 @@ A wrapped module keeps its identity and its parameters. Two things change, both 
 ``forward`` and then the module's ``AdapterSlot``; and the slot is registered as its last child,
 under ``SLOT``. As in ``torch.nn.utils.parametrize``, nothing else is touched, so a base
 ``state_dict`` still loads and an optimizer built over the base stays valid.
+
+Every set enters a model through ``install_set`` and leaves it through ``detach``; both end in
+``state.sync``, which keeps model-level hooks in step (``attach`` is ``install_set`` on the
+modules a selection found; fusions, averaged sets, FX sites and ``unmerge`` use it directly).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from . import state
 from .adapter import Adapter
 from .config import AdapterConfig
 from .layout import Layout, infer_layout, parallel_mismatch
@@ -28,6 +33,7 @@ from .tree import (
     every_name,
     is_adapted,
     is_distributed_wrapper,
+    require_sets,
     set_names,
     slot_of,
 )
@@ -35,7 +41,7 @@ from .tree import (
 _SET_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
-def _factory_kwargs(module: nn.Module, model: nn.Module) -> dict[str, Any]:
+def factory_kwargs(module: nn.Module, model: nn.Module) -> dict[str, Any]:
     for source in (module, model):
         for t in (*source.parameters(), *source.buffers()):
             if t.is_floating_point():
@@ -43,7 +49,7 @@ def _factory_kwargs(module: nn.Module, model: nn.Module) -> dict[str, Any]:
     return {}
 
 
-def _check_set_name(model: nn.Module, name: object) -> None:
+def check_set_name(model: nn.Module, name: object) -> None:
     if not isinstance(name, str) or not _SET_NAME.fullmatch(name):
         raise ValueError(
             f"set name must be a non-empty string of letters, digits, '_' or '-', got {name!r}"
@@ -105,28 +111,8 @@ _FAST_PATHS: tuple[tuple[type[nn.Module], str, object], ...] = (
     (nn.TransformerEncoderLayer, "activation_relu_or_gelu", 0),  # fused encoder-layer kernel
     (nn.TransformerEncoder, "use_nested_tensor", False),  # nested-tensor conversion
 )
-_SAVED = "_adapterkit_saved_settings"
 # Children that their parent never calls: it reads their weights directly.
-_NEVER_CALLED: tuple[tuple[type[nn.Module], str], ...] = ((nn.MultiheadAttention, "out_proj"),)
-
-
-# BatchNorm layers update their running statistics in every forward in train mode, frozen or
-# not, and an adapter file does not hold them: save_adapters compares their step counters with
-# those at injection, so that adapters trained against other statistics are not saved alone.
-_NORM_COUNTS = "_adapterkit_norm_counts"
-
-
-def _norm_counts(model: nn.Module) -> dict[str, int]:
-    return {name: int(m.num_batches_tracked) for name, m in candidates(model)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and m.num_batches_tracked is not None and not m.num_batches_tracked.is_meta}
-
-
-def norms_updated(model: nn.Module) -> list[str]:
-    """The BatchNorm layers whose running statistics changed since adapters were injected."""
-    before = model.__dict__.get(_NORM_COUNTS, {})
-    return [name for name, count in _norm_counts(model).items()
-            if name in before and before[name] != count]
+NEVER_CALLED: tuple[tuple[type[nn.Module], str], ...] = ((nn.MultiheadAttention, "out_proj"),)
 
 
 def _ancestors(model: nn.Module, qname: str) -> list[nn.Module]:
@@ -139,7 +125,7 @@ def _check_called(model: nn.Module, qname: str) -> None:
         return
     parent_name, _, child = qname.rpartition(".")
     parent = model.get_submodule(parent_name)
-    for cls, attr in _NEVER_CALLED:
+    for cls, attr in NEVER_CALLED:
         if isinstance(parent, cls) and child == attr:
             raise ValueError(
                 f"target '{qname}' is never called: {cls.__name__} uses its weights directly, so "
@@ -167,19 +153,15 @@ def _disable_fast_paths(model: nn.Module, qnames: list[str]) -> None:
         for module in _ancestors(model, qname):
             for cls, attr, value in _FAST_PATHS:
                 if isinstance(module, cls) and getattr(module, attr, value) != value:
-                    module.__dict__.setdefault(_SAVED, {})[attr] = getattr(module, attr)
-                    setattr(module, attr, value)
+                    state.override_setting(module, attr, value)
 
 
 def _restore_fast_paths(model: nn.Module) -> None:
     still_adapted = [name for name, _, _ in adapted_modules(model)]
     for name, module in candidates(model):
-        saved = module.__dict__.get(_SAVED)
-        if saved and not any(a == name or a.startswith(name + ".") or not name
-                             for a in still_adapted):
-            for attr, value in saved.items():
-                setattr(module, attr, value)
-            del module.__dict__[_SAVED]
+        if state.has_saved_settings(module) and not any(
+                a == name or a.startswith(name + ".") or not name for a in still_adapted):
+            state.restore_settings(module)
 
 
 def _check_rnn(qname: str, module: nn.Module, config: AdapterConfig) -> None:
@@ -229,7 +211,7 @@ def resolve(
     dry run) and ``attach`` refuse the same things. The layouts come from ``layouts`` (a
     saved set's), else from one run on ``example_inputs``, else from the modules themselves.
     """
-    if not isinstance(config, AdapterConfig):
+    if not isinstance(config, AdapterConfig):  # checked here once, for attach and plan
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     chosen, named = select(model, targets)
     _check_targets(chosen, named)
@@ -264,37 +246,51 @@ def attach(
 
     Returns the qualified names of the wrapped modules.
     """
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
-    _check_set_name(model, name)
+    check_set_name(model, name)
     resolved = resolve(model, targets, config, example_inputs=example_inputs, layouts=layouts)
     new_adapters = {
         qname: Adapter(layout.d_model, config, feature_dim=layout.feature_dim,
-                       **_factory_kwargs(module, model)).train(module.training)
+                       **factory_kwargs(module, model)).train(module.training)
         for qname, (module, layout, _) in resolved.items()
     }
     # Everything that can fail has been checked: change the model now.
-    active = tuple(current_active(model)) + (name,)
+    state.record_norm_counts(model)
     try:
-        for qname, (module, _, _) in resolved.items():
-            slot = slot_of(module)
-            if slot is None:
-                slot = AdapterSlot(qname, RNNState.of(module))
-                # a class that refuses the swap (e.g. another memory layout) raises here
-                module.__class__ = adapted_class(type(module))
-                module._modules[SLOT] = slot
-            slot[name] = new_adapters[qname]
+        placed = {qname: (wrap(module, qname), new_adapters[qname])
+                  for qname, (module, _, _) in resolved.items()}
     except BaseException:
         detach(model, [name])  # all or nothing
         raise
-    _disable_fast_paths(model, list(resolved))
-    _store_active(model, active)
-    if _NORM_COUNTS not in model.__dict__:
-        model.__dict__[_NORM_COUNTS] = _norm_counts(model)
-    from .integrations import pretrained  # transformers models: save_pretrained keeps adapters
-
-    pretrained.install_save_hook(model)
+    install_set(model, name, placed, activate=True)
     return list(resolved)
+
+
+def wrap(module: nn.Module, qname: str, slot: AdapterSlot | None = None) -> AdapterSlot:
+    """The slot of ``module``, after giving it one (``slot``, or a new one) if it has none."""
+    held = slot_of(module)
+    if held is not None:
+        return held
+    slot = AdapterSlot(qname, RNNState.of(module)) if slot is None else slot
+    # a class that refuses the swap (e.g. another memory layout) raises here
+    module.__class__ = adapted_class(type(module))
+    module._modules[SLOT] = slot
+    return slot
+
+
+def install_set(model: nn.Module, name: str, placed: dict[str, tuple[AdapterSlot, nn.Module]],
+                *, activate: bool) -> None:
+    """Put set ``name``'s modules (adapters or fusions) into their slots, already in ``model``;
+    with ``activate``, run the set after the active ones. Every set enters a model here."""
+    for _, (slot, module) in placed.items():
+        slot[name] = module
+    slots = list({id(slot): slot for slot, _ in placed.values()}.values())
+    state.join(model, slots)
+    owners = [key for key, owner, slot in adapted_modules(model) if owner is not None
+              and any(slot is s for s in slots)]
+    _disable_fast_paths(model, owners)
+    if activate:
+        state.set_active(model, (*state.active(model), name))
+    state.sync(model)
 
 
 def detach(model: nn.Module, names: Collection[str]) -> None:
@@ -324,34 +320,15 @@ def detach(model: nn.Module, names: Collection[str]) -> None:
             del module._modules[SLOT]
             module.__class__ = module._adapterkit_base  # type: ignore[attr-defined]
     _restore_fast_paths(model)
-    _store_active(model, tuple(n for n in current_active(model) if n not in drop))
-    if not adapted_modules(model):
-        model.__dict__.pop(_NORM_COUNTS, None)
-    if not set_names(model):
-        from .integrations import pretrained
-
-        pretrained.remove_hooks(model)
+    state.set_active(model, tuple(n for n in state.active(model) if n not in drop))
+    state.sync(model)
 
 
-def current_active(model: nn.Module) -> list[str]:
-    for _, _, slot in adapted_modules(model):
-        return list(slot.active)
-    return []
-
-
-def _store_active(model: nn.Module, active: tuple[str, ...]) -> None:
-    for _, _, slot in adapted_modules(model):
-        slot.active = active
-
-
-def check_entries(model: nn.Module, names: list[Any], known: list[str] | None = None,
+def check_entries(model: nn.Module, names: list[Any],
                   once: str = "each set may be active once") -> tuple[Any, ...]:
     """``names`` as a tuple of entries to run, each an injected set's name or a composition
-    (average.py) that checks its own sets; an error for an unknown or repeated one."""
-    known = set_names(model) if known is None else known
-    unknown = [n for n in names if isinstance(n, str) and n not in known]
-    if unknown:
-        raise ValueError(f"no adapter set named {unknown}; injected sets: {known}")
+    (compose/averaging.py) that checks its own sets; an error for an unknown or repeated one."""
+    require_sets(model, [n for n in names if isinstance(n, str)])
     if len(set(names)) != len(names):
         raise ValueError(f"{once}, got {names}")
     for entry in names:
@@ -361,5 +338,5 @@ def check_entries(model: nn.Module, names: list[Any], known: list[str] | None = 
 
 
 def store_active(model: nn.Module, names: list[Any]) -> None:
-    """Make ``names`` active: set names, or compositions (average.py) that check their sets."""
-    _store_active(model, check_entries(model, names))
+    """Make ``names`` active: set names, or compositions (compose/averaging.py) that check their sets."""
+    state.set_active(model, check_entries(model, names))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FreezeSpec
-from .freeze import FreezeReport, freeze, select_parameters, trainable_parameters
+from .freezing import FreezeReport, freeze, select_parameters, trainable_parameters
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 StepCallback = Callable[[int, float], None]  # (step just finished, counting from 1; its loss)

@@ -9,14 +9,15 @@ walks below list the slots, the modules selection may choose from, and the set n
 from __future__ import annotations
 
 import functools
+import sys
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
 
 from .adapter import Adapter
-from .slot import SLOT, AdapterSlot
+from .slot import SLOT, AdapterSlot, Composition
 
 
 class _Adapted:
@@ -170,3 +171,38 @@ def set_names(model: nn.Module) -> list[str]:
     for _, _, slot in adapted_modules(model):
         names.update(dict.fromkeys(slot.keys()))
     return list(names)
+
+
+def require_sets(model: nn.Module, names: str | Sequence[str], context: str = "") -> None:
+    """Refuse set names the model does not hold: one name (a str) or a list of them.
+
+    >>> from torch import nn
+    >>> require_sets(nn.Linear(2, 2), "a", "eject: ")
+    Traceback (most recent call last):
+    ...
+    ValueError: eject: no adapter set named 'a'; injected sets: []
+    """
+    known = set_names(model)
+    unknown = [n for n in ([names] if isinstance(names, str) else names) if n not in known]
+    if unknown:
+        shown = repr(unknown[0]) if isinstance(names, str) else unknown
+        raise ValueError(f"{context}no adapter set named {shown}; injected sets: {known}")
+
+
+def set_slots(model: nn.Module, name: str) -> dict[str, tuple[nn.Module | None, AdapterSlot]]:
+    """``{key: (owner, slot)}`` for every slot that holds set ``name``, in model order (keys
+    and owners as in ``adapted_modules``)."""
+    return {key: (owner, slot) for key, owner, slot in adapted_modules(model) if name in slot}
+
+
+def composed_sets(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """``{set: the sets it composes}`` for every set whose modules compose others (fusions)."""
+    return {name: entry.sets for _, _, slot in adapted_modules(model)
+            for name, entry in slot.items() if isinstance(entry, Composition)}
+
+
+def is_pretrained(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (never imports transformers)."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    cls = getattr(modeling, "PreTrainedModel", None)
+    return cls is not None and isinstance(model, cls)

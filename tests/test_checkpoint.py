@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import adapterkit
 from adapterkit import AdapterConfig
-from adapterkit.checkpoint import AdapterFileError
+from adapterkit import AdapterFileError
 from tests.conftest import MLP, assert_same, make_gpt, snapshot
 
 NONZERO = AdapterConfig(bottleneck=4, init="normal", init_std=0.5, dropout=0.0)
@@ -111,7 +111,7 @@ def test_an_interrupted_save_leaves_the_earlier_save_intact(tmp_path, monkeypatc
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("adapterkit.adapterfile.save_file", fail_midway)
+    monkeypatch.setattr("adapterkit.io.adapterfile.save_file", fail_midway)
     with pytest.raises(OSError, match="disk full"):
         adapterkit.save_adapters(model, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
@@ -126,7 +126,7 @@ def test_save_replaces_an_earlier_save_but_never_foreign_files(tmp_path):
     with pytest.raises(FileExistsError, match=r"holds other files \(notes.txt\)"):
         adapterkit.save_adapters(model, path)
     assert (path / "notes.txt").read_text() == "mine"
-    with pytest.raises(ValueError, match=r"no adapter set named 'zzz' to save"):
+    with pytest.raises(ValueError, match=r"save_adapters: no adapter set named 'zzz'"):
         adapterkit.save_adapters(model, tmp_path / "b", name="zzz")
 
 

@@ -57,7 +57,7 @@ def test_frozen_parameters_lose_their_gradients(gpt, tokens):
     ("kwargs", "message"),
     [
         ({"train": ["adapters", "clss"]}, "no module or parameter matches 'clss'; closest: cls"),
-        ({"train": ["adapters:zzz"]}, "'adapters:zzz' names no injected set"),
+        ({"train": ["adapters:zzz"]}, "'adapters:zzz': no adapter set named 'zzz'"),
         ({"train": ["adapters"], "freeze": ["nothing_here"]}, "matches 'nothing_here'"),
         ({"train": [3]}, "list of strings"),
     ],

@@ -10,7 +10,8 @@ from torch import nn
 
 import adapterkit
 from adapterkit import AdapterConfig, AdapterFusion
-from adapterkit.adapterfile import FORMAT_VERSION, AdapterFileError
+from adapterkit import AdapterFileError
+from adapterkit.io.adapterfile import FORMAT_VERSION
 from tests.conftest import assert_same, make_gpt, snapshot
 
 SETS = ["a", "b", "c"]
@@ -111,7 +112,7 @@ def test_ejecting_a_fused_set_is_refused_and_changes_nothing() -> None:
     assert_same(model, before)
     adapterkit.eject(model, "f")
     adapterkit.eject(model, "b")  # now allowed
-    assert sorted(adapterkit.lifecycle.set_names(model)) == ["a", "c"]
+    assert sorted(adapterkit.tree.set_names(model)) == ["a", "c"]
 
 
 def test_save_and_load_onto_a_fresh_base(tmp_path, tokens: torch.Tensor) -> None:
@@ -232,7 +233,7 @@ def test_a_float32_fusion_on_a_bfloat16_base_returns_the_base_dtype() -> None:
 
 
 def test_save_bundle_keeps_a_fusion_and_refuses_an_active_average(tmp_path, tokens) -> None:
-    from adapterkit.bundle import save_bundle
+    from adapterkit.io.bundle import save_bundle
 
     model = with_sets(make_gpt().eval())
     adapterkit.fuse(model, SETS, name="f")

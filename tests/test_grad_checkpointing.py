@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import adapterkit
-from adapterkit.guards import NoGradientError
+from adapterkit import NoGradientError
 from tests.conftest import make_gpt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -203,10 +203,10 @@ def test_vit_checkpointing_enabled_before_freeze_gives_the_same_grads():
 
 
 def test_vit_without_adapterkits_input_hook_would_train_nothing_and_raises():
-    from adapterkit.integrations import pretrained
+    from adapterkit import freezing
 
     model, loss = _adapted(vit, True, True)
-    pretrained.require_input_grads(model, False)  # what transformers alone does for ViT
+    freezing.require_input_grads(model, False)  # what transformers alone does for ViT
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         with pytest.raises(NoGradientError, match="use_reentrant=True"):
@@ -216,7 +216,7 @@ def test_vit_without_adapterkits_input_hook_would_train_nothing_and_raises():
 
 
 def test_input_hook_only_acts_while_checkpointing_and_goes_with_the_adapters():
-    from adapterkit.integrations.pretrained import RequireGradWhileCheckpointing
+    from adapterkit.freezing import RequireGradWhileCheckpointing
 
     model, loss = _adapted(vit, None, True)
     embedding = model.get_input_embeddings()

@@ -15,7 +15,7 @@ from torch import nn
 
 import adapterkit
 from adapterkit import Adapter, AdapterConfig
-from adapterkit.layout import LayoutError
+from adapterkit import LayoutError
 from tests.conftest import assert_same, snapshot
 from tests.zoo import ConvNet, Recurrent, ResBlock, Twice
 

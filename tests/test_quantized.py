@@ -11,7 +11,7 @@ import torch
 
 import adapterkit
 from adapterkit import AdapterConfig
-from adapterkit.guards import NoGradientError
+from adapterkit import NoGradientError
 from tests.conftest import make_gpt
 
 pytest.importorskip("torchao", reason="needs the 'quant' extra: pip install -e '.[quant]'")

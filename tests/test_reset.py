@@ -7,7 +7,7 @@ import torch
 
 import adapterkit
 from adapterkit import AdapterConfig
-from adapterkit.guards import UninitialisedAdapterError
+from adapterkit import UninitialisedAdapterError
 from tests.conftest import assert_same, make_gpt, snapshot
 
 TARGETS = ["mha_block", "ffn_block"]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adapterkit
-from adapterkit.guards import UninitialisedAdapterError
+from adapterkit import UninitialisedAdapterError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HF_REASON = "Hugging Face models need the 'hf' extra: pip install -e '.[hf]'"
@@ -120,7 +120,7 @@ def test_a_failing_multi_set_load_leaves_the_model_as_it_was(tmp_path):
     (tmp_path / "adapterkit" / "b" / "adapter_model.safetensors").write_bytes(b"not tensors")
     fresh = bert_cls()
     before = fresh.state_dict()
-    with pytest.raises(adapterkit.checkpoint.AdapterFileError, match="not a valid safetensors"):
+    with pytest.raises(adapterkit.AdapterFileError, match="not a valid safetensors"):
         adapterkit.load_adapters(fresh, tmp_path)
     assert adapterkit.adapters(fresh) == {}
     assert list(fresh.state_dict()) == list(before)

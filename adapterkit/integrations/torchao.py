@@ -4,7 +4,7 @@ The supported order is quantize, then inject: adapters are made in the base's fl
 and train over the frozen quantized weights. Quantizing after inject with torchao's default
 filter would quantize the adapters' ``down`` / ``up`` layers too, and a quantized weight gets
 no gradient: ``freeze`` and the first training forward refuse such adapters (see
-``adapterkit/guards.py``). This filter quantizes the base's ``nn.Linear`` layers only. It needs
+``adapterkit/adapter.py``). This filter quantizes the base's ``nn.Linear`` layers only. It needs
 nothing from torchao itself.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..guards import is_quantized
+from ..adapter import is_quantized
 from ..tree import adapted_modules
 
 __all__ = ["base_linears"]

@@ -2,8 +2,8 @@
 
 Needs the ``hf`` extra (``transformers``, and ``accelerate`` for ``Trainer``). The engine never
 imports this module; what adapterkit does to a transformers model on its own
-(``save_pretrained`` keeps the adapters, gradients under reentrant checkpointing) is in
-``adapterkit.integrations.pretrained``. See ``docs/transformers.md``.
+(``save_pretrained`` keeps the adapters, gradients under reentrant checkpointing) is in the
+engine (``adapterkit/io/bundle.py``, ``adapterkit/freezing.py``). See ``docs/transformers.md``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from ..bundle import SUBDIR, _read_index, is_bundle, save_bundle
-from ..checkpoint import _included, load_adapters
+from ..io import load_adapters
+from ..io.bundle import SUBDIR, is_bundle, read_index, save_bundle
+from ..io.checkpoint import included_modules
 from ..tree import set_names
 
 __all__ = ["AdapterCheckpointCallback"]
@@ -118,10 +119,11 @@ class AdapterCheckpointCallback(TrainerCallback, ExportableState):
                 f"{held}: inject (or load_adapters) before creating the Trainer, so that "
                 "the optimizer gets the adapters"
             )
-        _included(model, self.include)  # a name that selects nothing fails now, not at a save
+        # a name that selects nothing fails now, not at a save
+        included_modules(model, self.include)
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.global_step > 0 and is_bundle(checkpoint) and _resumed_from(checkpoint, state):
-            missing = [s for s in _read_index(checkpoint / SUBDIR)["sets"] if s not in held]
+            missing = [s for s in read_index(checkpoint / SUBDIR)["sets"] if s not in held]
             if missing:
                 raise ValueError(
                     f"{checkpoint} holds adapter sets {missing} that the model lacks; inject "

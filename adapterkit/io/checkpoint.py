@@ -1,12 +1,13 @@
 """Saving and loading one adapter set: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-The format is described in ``docs/format.md``. Loading checks everything before it changes
-anything, and never unpickles: tensors come only through safetensors.
+The format is described in ``docs/format.md`` (reading and writing the files: ``adapterfile``).
+Loading checks everything before it changes anything, and never unpickles: tensors come only
+through safetensors. The public ``save_adapters`` / ``load_adapters`` (``folders.py``) call
+``save_set`` / ``load_set`` for a folder of this format.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,36 +15,40 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Adapter
+from .. import state
+from ..adapter import NEEDS_INIT, Adapter
+from ..compose.fusion import AdapterFusion, add_fusion, fusion_layout
+from ..config import AdapterConfig, FusionConfig
+from ..errors import AdapterFileError
+from ..layout import Layout, infer_layout
+from ..lifecycle import check_not_meta, materialize
+from ..select import closest_names
+from ..surgery import attach, select
+from ..tree import (
+    adapted_modules,
+    candidates,
+    is_distributed_wrapper,
+    original_class,
+    require_sets,
+    set_slots,
+)
 from .adapterfile import (
     CONFIG_FILE,
     FORMAT,
     WEIGHTS_FILE,
-    AdapterFileError,
     config_json,
     read_adapter_config,
     read_tensors,
     write_atomically,
     write_on_rank_zero,
 )
-from .config import AdapterConfig
-from .fusion import AdapterFusion, FusionConfig, add_fusion, fusion_layout
-from .guards import NEEDS_INIT
-from .layout import Layout, infer_layout
-from .reset import check_not_meta, materialize
-from .select import closest_names
-from .surgery import attach, norms_updated, select
-from .tree import adapted_modules, candidates, is_distributed_wrapper, original_class, set_names
 
 # -- what a set looks like in a model ------------------------------------------------------
 
 
-def _set_slots(model: nn.Module, name: str) -> dict[str, tuple[nn.Module | None, Adapter]]:
-    return {
-        key: (owner, slot[name])  # type: ignore[misc]
-        for key, owner, slot in adapted_modules(model)
-        if name in slot
-    }
+def _set_slots(model: nn.Module, name: str) -> dict[str, tuple[nn.Module | None, nn.Module]]:
+    """``{key: (owner, the set's adapter or fusion there)}``."""
+    return {key: (owner, slot[name]) for key, (owner, slot) in set_slots(model, name).items()}
 
 
 def _base_shapes(module: nn.Module) -> dict[str, list[int]]:
@@ -63,7 +68,8 @@ def _gathered(t: torch.Tensor) -> torch.Tensor:
     return full.detach().to("cpu").clone().contiguous()
 
 
-def _included(model: nn.Module, include: Sequence[str]) -> dict[str, nn.Module]:
+def included_modules(model: nn.Module, include: Sequence[str]) -> dict[str, nn.Module]:
+    """The modules a save's ``include`` selects, by name (each once)."""
     return select(model, list(include))[0] if include else {}
 
 
@@ -83,11 +89,9 @@ def collect(
     model: nn.Module, name: str, include: Sequence[str] = ()
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """What ``save_adapters`` writes for set ``name``: the config JSON and the tensors."""
+    require_sets(model, name, "save_adapters: ")
     found = _set_slots(model, name)
-    if not found:
-        raise ValueError(f"no adapter set named {name!r} to save; injected sets: "
-                         f"{set_names(model)}")
-    included = _included(model, include)
+    included = included_modules(model, include)
     _check_norms(model, included)
     tensors = {
         f"adapters.{key}.{pname}": _gathered(t)
@@ -100,7 +104,7 @@ def collect(
         for pname, t in module.state_dict().items()
     }
     first_adapter = next(iter(found.values()))[1]
-    spec = next((slot.freeze_spec for _, _, slot in adapted_modules(model) if name in slot), None)
+    spec = state.freeze_spec(model)
     meta = {
         "format": FORMAT,
         "format_version": 3 if isinstance(first_adapter, AdapterFusion) else 2,
@@ -118,47 +122,23 @@ def collect(
                 key: _base_shapes(owner) for key, (owner, _) in found.items() if owner is not None
             },
             # method="fx": the targets are graph sites, which only an FX injection finds again
-            **({"graph": True} if getattr(model, "_adapterkit_fx_base", None) is not None else {}),
+            **({"graph": True} if state.graph_base(model) is not None else {}),
         },
     }
     return meta, tensors
 
 
-def save_adapters(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    name: str = "default",
-    include: Sequence[str] = (),
-) -> Path:
-    """Write adapter set ``name`` (and the modules ``include`` selects) to directory ``path``.
-
-    The directory gets ``adapter_config.json`` and ``adapter_model.safetensors``. The write
-    goes to a temporary directory first and is renamed into place, so an interrupted save
-    leaves an earlier save at ``path`` intact. A directory at ``path`` that holds other
-    files is refused rather than replaced.
-
-    Under ``torch.distributed`` every rank must call it (sharded tensors are gathered);
-    rank 0 writes, and every rank returns once the files are written. A
-    ``DistributedDataParallel`` wrapper is seen through: its ``.module`` is saved.
-
-    Example:
-        >>> import tempfile, torch, adapterkit
-        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
-        >>> _ = adapterkit.inject(model, ["0"], adapterkit.AdapterConfig(bottleneck=4))
-        >>> out = adapterkit.save_adapters(model, tempfile.mkdtemp() + "/a", include=["1"])
-        >>> sorted(p.name for p in out.iterdir())
-        ['adapter_config.json', 'adapter_model.safetensors']
-    """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module  # so that names and base class are those of the model itself
+def save_set(model: nn.Module, path: Path, name: str, include: Sequence[str]) -> Path:
+    """Write set ``name`` (and the modules ``include`` selects) to directory ``path``
+    atomically; under ``torch.distributed``, rank 0 writes once every rank gathered."""
     meta, tensors = collect(model, name, include)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return write_on_rank_zero(Path(path), meta, tensors)
-    return write_atomically(Path(path), meta, tensors)
+        return write_on_rank_zero(path, meta, tensors)
+    return write_atomically(path, meta, tensors)
 
 
 def _check_norms(model: nn.Module, included: dict[str, nn.Module]) -> None:
-    stale = [name for name in norms_updated(model)
+    stale = [name for name in state.norms_updated(model)
              if not any(name == inc or name.startswith(inc + ".") or not inc for inc in included)]
     if stale:
         raise ValueError(
@@ -174,7 +154,7 @@ def _check_norms(model: nn.Module, included: dict[str, nn.Module]) -> None:
 
 
 def _check_graph(model: nn.Module, meta: dict, name: str, file: Path) -> None:
-    traced = getattr(model, "_adapterkit_fx_base", None) is not None
+    traced = state.graph_base(model) is not None
     if (traced or meta["base"].get("graph")) and not _set_slots(model, name):
         source = "this model was made" if traced else f"{file} was saved"
         raise AdapterFileError(
@@ -274,38 +254,8 @@ def _fusion_layout(slot: Any, config: FusionConfig, target: str, file: Path) -> 
         ) from None
 
 
-def load_adapters(
-    model: nn.Module, path: str | os.PathLike[str], name: str | None = None
-) -> nn.Module:
-    """Load a saved adapter set into ``model``, injecting it first if it is not there.
-
-    ``name`` renames the set (default: the saved name). Weights are cast to the dtype and
-    device of the adapters they load into. Every check (format, config, base fingerprint,
-    keys, shapes) runs before the model changes; on any error the model is as it was.
-    Under ``torch.distributed``, load into the unsharded model, then wrap it. A fusion set
-    (``fuse``) loads onto the slots of its fused sets, which must be in the model already.
-
-    Example:
-        >>> import tempfile, torch, adapterkit
-        >>> def make():
-        ...     return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)).eval()
-        >>> model = adapterkit.inject(make(), ["0"], adapterkit.AdapterConfig(init="normal"))
-        >>> where = adapterkit.save_adapters(model, tempfile.mkdtemp() + "/a")
-        >>> fresh = make()
-        >>> fresh.load_state_dict({k: v for k, v in model.state_dict().items()
-        ...                        if ".adapterkit." not in k})  # the trained base weights
-        <All keys matched successfully>
-        >>> fresh = adapterkit.load_adapters(fresh, where)
-        >>> x = torch.randn(3, 8)
-        >>> bool(torch.equal(fresh(x), model(x)))
-        True
-    """
-    path = Path(path)
-    if not (path / CONFIG_FILE).exists():
-        from .bundle import is_bundle, load_bundle
-
-        if is_bundle(path):
-            return load_bundle(model, path, name)  # a folder written by save_pretrained
+def load_set(model: nn.Module, path: Path, name: str | None = None) -> nn.Module:
+    """Load the set in adapterkit's folder ``path`` (see ``load_adapters``)."""
     meta = read_adapter_config(path)
     tensors = read_tensors(path)
     name = meta["name"] if name is None else name

@@ -23,10 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Adapter
-from .fusion import AdapterFusion
-from .surgery import _check_set_name
-from .tree import adapted_modules, set_names
+from ..adapter import Adapter
+from ..surgery import check_set_name, install_set
+from ..tree import adapted_modules, require_sets, set_slots
 
 _TOLERANCE = 1e-6  # how far from 1 the weights may sum (decimal weights rarely sum exactly)
 
@@ -70,12 +69,9 @@ class Average:
 
     def check(self, model: nn.Module) -> None:
         """Refuse sets the model lacks, and fusions (which have no branch to weigh)."""
-        known = set_names(model)
-        unknown = [s for s in self.sets if s not in known]
-        if unknown:
-            raise ValueError(f"{self}: no adapter set named {unknown}; injected sets: {known}")
+        require_sets(model, list(self.sets), f"{self}: ")
         for _, _, slot in adapted_modules(model):
-            fused = [s for s in self.sets if isinstance(slot._modules.get(s), AdapterFusion)]
+            fused = [s for s in self.sets if s in slot and not isinstance(slot[s], Adapter)]
             if fused:
                 raise ValueError(f"{self}: '{fused[0]}' is a fusion; average adapter sets only")
 
@@ -97,7 +93,7 @@ class Average:
         total = None
         for name, w in self.weights:
             if name in slot:
-                part = w * slot._delta(name, slot[name], hidden, args, kwargs)
+                part = w * slot.delta(name, slot[name], hidden, args, kwargs)
                 total = part if total is None else total + part
         return torch.zeros_like(hidden) if total is None else total
 
@@ -133,20 +129,13 @@ def average(weights: Mapping[str, float]) -> Average:
 # -- parameter averaging -------------------------------------------------------------------------
 
 
-def _set_adapters(model: nn.Module, name: str) -> dict[str, Any]:
-    return {key: slot for key, _, slot in adapted_modules(model) if name in slot}
-
-
 def _check_same(model: nn.Module, sets: tuple[str, ...]) -> dict[str, Any]:
     """The slots of the first set, once every set is known to match it in targets and shapes."""
-    known = set_names(model)
-    unknown = [s for s in sets if s not in known]
-    if unknown:
-        raise ValueError(f"average_sets: no adapter set named {unknown}; injected sets: {known}")
+    require_sets(model, list(sets), "average_sets: ")
     first = sets[0]
-    slots = _set_adapters(model, first)
+    slots = {key: slot for key, (_, slot) in set_slots(model, first).items()}
     for other in sets[1:]:
-        theirs = _set_adapters(model, other)
+        theirs = set_slots(model, other)
         if set(theirs) != set(slots):
             only = sorted(set(slots) ^ set(theirs))
             raise ValueError(
@@ -213,7 +202,7 @@ def average_sets(model: nn.Module, weights: Mapping[str, float], name: str) -> n
     """
     pairs = _weights(weights, "average_sets")
     sets = tuple(s for s, _ in pairs)
-    _check_set_name(model, name)
+    check_set_name(model, name)
     slots = _check_same(model, sets)
     new: dict[str, Adapter] = {}
     for key, slot in slots.items():
@@ -226,6 +215,6 @@ def average_sets(model: nn.Module, weights: Mapping[str, float], name: str) -> n
             p.grad = None
         new[key] = adapter
     # everything is checked and built: change the model now
-    for key, slot in slots.items():
-        slot[name] = new[key]
+    install_set(model, name, {key: (slot, new[key]) for key, slot in slots.items()},
+                activate=False)
     return model

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .config import AdapterConfig
-from .fx_trace import SiteTracer, TraceState, last_dims, module_output, trace
-from .layout import LAST, Layout, infer_layout
-from .select import as_selector_list, compile_selector, select_modules
-from .slot import AdapterSlot
-from .tree import candidates
+from ..config import AdapterConfig
+from ..layout import LAST, Layout, infer_layout
+from ..select import as_selector_list, compile_selector, select_modules
+from ..slot import AdapterSlot
+from ..tree import candidates
+from .trace import SiteTracer, TraceState, last_dims, module_output, trace
 
 RESIDUAL = "residual"
 _ADDS = (operator.add, torch.add)

@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Adapter
-from .lifecycle import check_unused
-from .report import format_table
-from .slot import SLOT, AdapterSlot
-from .surgery import _disable_fast_paths, _store_active, current_active, detach
-from .tree import adapted_class, adapted_modules, original_class, set_names, slot_of
+from .. import state
+from ..adapter import Adapter
+from ..lifecycle import check_unused
+from ..report import format_table
+from ..slot import AdapterSlot
+from ..surgery import detach, install_set, wrap
+from ..tree import adapted_modules, original_class, require_sets, set_names, slot_of
 
 
 @dataclass
@@ -111,15 +112,16 @@ def _check_module(qname: str, module: nn.Module, adapter: Adapter, name: str,
 
 
 def _check_set(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, Adapter, str]]:
-    if name not in set_names(model):
-        raise ValueError(f"no adapter set named {name!r}; injected sets: {set_names(model)}")
-    if getattr(model, "_adapterkit_fx_base", None) is not None:
+    require_sets(model, name)
+    if state.graph_base(model) is not None:
         raise ValueError(
             f"cannot merge set '{name}': the model was injected with method='fx', where a site "
             "need not be a module with a weight; inject with method='modules' to merge"
         )
     check_unused(model, [name], "merge")
-    active = current_active(model)
+    if state.route(model) is not None:
+        raise ValueError(f"cannot merge set '{name}' inside routed(); merge outside it")
+    active = state.active(model)
     tied: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(p), []).append(pname)
@@ -127,8 +129,6 @@ def _check_set(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, Adapte
     for qname, owner, slot in adapted_modules(model):
         if name not in slot:
             continue
-        if slot.route is not None:
-            raise ValueError(f"cannot merge set '{name}' inside routed(); merge outside it")
         adapter = slot[name]
         config = adapter.config if isinstance(adapter, Adapter) else None
         if config is None:
@@ -212,7 +212,7 @@ def merge(model: nn.Module, name: str) -> Merged:
         adapters={q: adapter for q, (_, adapter, _) in found.items()},
         slots={q: slot_of(o) for q, (o, _, _) in found.items()},  # type: ignore[misc]
         slot_order={q: list(slot_of(o).keys()) for q, (o, _, _) in found.items()},  # type: ignore[union-attr]
-        active=tuple(current_active(model)),
+        active=tuple(state.active(model)),
     )
     added = []
     with torch.no_grad():
@@ -273,22 +273,19 @@ def unmerge(model: nn.Module, merged: Merged) -> nn.Module:
                 owner.register_parameter("bias", None)
             else:
                 owner.bias.copy_(bias)
-    for qname, owner in merged._owners.items():
-        slot = slot_of(owner)
-        if slot is None:  # the merge emptied it: the same slot object goes back, as attach does
-            slot = undo.slots[qname]
-            owner.__class__ = adapted_class(type(owner))
-            owner._modules[SLOT] = slot
-        slot[name] = undo.adapters[qname]
+    # attach's own path: a slot the merge emptied goes back (the same object), then the set
+    slots = {q: wrap(owner, q, undo.slots[q]) for q, owner in merged._owners.items()}
+    install_set(model, name, {q: (slot, undo.adapters[q]) for q, slot in slots.items()},
+                activate=False)
+    for qname, slot in slots.items():
         order = undo.slot_order[qname]
         entries = dict(slot._modules)
         slot._modules.clear()
         for key in [*order, *(k for k in entries if k not in order)]:
             if key in entries:
                 slot._modules[key] = entries[key]
-    _disable_fast_paths(model, list(merged._owners))
     known = set(set_names(model))
-    _store_active(model, tuple(e for e in undo.active
-                               if set([e] if isinstance(e, str) else e.sets) <= known))
+    state.set_active(model, tuple(e for e in undo.active
+                                  if set([e] if isinstance(e, str) else e.sets) <= known))
     undo.done = True
     return model

@@ -21,8 +21,8 @@ Keys are local to the module scope the op runs in and count only its own kind, s
 same on every trace of the same model. The ``GraphModule`` holds the base's own parameters (no
 copy); the model passed in is never changed. See ``docs/fx.md``.
 
-Tracing is in ``fx_trace.py``, finding and choosing sites in ``fx_sites.py``; this module builds
-the ``GraphModule`` from their plan and holds the verbs.
+Tracing is in ``trace.py``, finding and choosing sites in ``sites.py``; this module builds the
+``GraphModule`` from their plan and holds the verbs.
 
 >>> import torch, adapterkit
 >>> import torch.nn.functional as F
@@ -50,25 +50,19 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .adapter import Adapter
-from .config import AdapterConfig
-from .fx_sites import RESIDUAL, Calls, SitePlan, Sites, calls, plan_sites
-from .fx_trace import TraceState, UntraceableModelError
-from .select import as_selector_list, compile_selector
-from .slot import AdapterSlot, RNNState
-from .surgery import _check_set_name, _factory_kwargs, current_active, detach, store_active
-from .tree import adapted_modules, set_names
-
-__all__ = ["RESIDUAL", "Calls", "GraphSlot", "UntraceableModelError", "calls", "eject_fx",
-           "inject_fx"]
+from .. import state
+from ..adapter import Adapter
+from ..config import AdapterConfig
+from ..select import as_selector_list, compile_selector
+from ..slot import AdapterSlot, RNNState
+from ..surgery import check_set_name, detach, factory_kwargs, install_set
+from ..tree import adapted_modules, require_sets, set_names
+from .sites import SitePlan, Sites, plan_sites
+from .trace import TraceState
 
 logger = logging.getLogger(__name__)
 
-STATE = "_adapterkit_fx_base"  # lifecycle.eject dispatches on this attribute
 CONTAINER = "adapterkit_fx"  # GraphSlots live at adapterkit_fx.<key with '.' -> '_'>
-# GraphModule.__deepcopy__ sets the attributes named here on the copy
-_PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY",
-                     "_user_preserved_attributes")
 
 
 class GraphSlot(AdapterSlot):
@@ -202,20 +196,20 @@ def _remove_empty_slots(gm: fx.GraphModule) -> None:
 
 
 def _state_of(model: nn.Module, concrete_args: object, leaf_modules: object) -> TraceState:
-    state = getattr(model, STATE, None)
-    held = set_names(model if state is None else state.base)  # the base holds no FX slot
+    traced = state.graph_base(model)
+    held = set_names(model if traced is None else traced.base)  # the base holds no FX slot
     if held:
         raise ValueError(
             f"the model holds name-mode adapter sets {held}, which a trace would bake in; "
             "eject them first, or inject every set with method='fx'"
         )
-    if state is not None:
+    if traced is not None:
         if concrete_args is not None or leaf_modules:
             raise TypeError(
                 "tracer options (concrete_args, leaf_modules) were fixed when this GraphModule "
                 "was made; inject the new set without them (example_inputs is allowed)"
             )
-        return state
+        return traced
     if hasattr(model, CONTAINER):
         raise ValueError(f"the model already has an attribute '{CONTAINER}', which FX mode "
                          "needs for its adapters; rename that attribute")
@@ -266,46 +260,45 @@ def inject_fx(
                         "concrete_args, leaf_modules and example_inputs")
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
-    state = _state_of(model, concrete_args, leaf_modules)
-    _check_set_name(model, name)
-    base = state.base
+    traced = _state_of(model, concrete_args, leaf_modules)
+    check_set_name(model, name)
+    base = traced.base
     prior = {key: slot for key, _, slot in adapted_modules(model)} if model is not base else {}
-    active = [*current_active(model), name] if prior else [name]
     # torch.fx parks the tensor constants it meets as attributes of the traced module: they
     # stay there while the graph is analysed and built, and leave it afterwards, error or not.
     before = set(base.__dict__)
     try:
-        plan = plan_sites(base, state, prior, targets, config, example_inputs)
+        plan = plan_sites(base, traced, prior, targets, config, example_inputs)
         constants = {k: base.__dict__[k] for k in set(base.__dict__) - before}
-        gm = _build(model, state, prior, plan, constants, config, name)
+        gm = _build(model, traced, prior, plan, constants, config, name)
     finally:
         for key in set(base.__dict__) - before:
             del base.__dict__[key]
-    store_active(gm, active)
     logger.debug("FX set %r on %d site(s): %s", name, len(plan.chosen), list(plan.chosen))
     return gm
 
 
-def _build(model: nn.Module, state: TraceState, prior: dict[str, AdapterSlot], plan: SitePlan,
+def _build(model: nn.Module, traced: TraceState, prior: dict[str, AdapterSlot], plan: SitePlan,
            constants: dict[str, Any], config: AdapterConfig, name: str) -> fx.GraphModule:
-    base = state.base
+    base = traced.base
     slots = dict(prior)
+    placed = {}
     for key, kind in plan.chosen.items():
         owner = base.get_submodule(key) if kind == "module" else base
         slot = slots.setdefault(key, GraphSlot(key, kind, RNNState.of(owner)))
         layout = plan.widths[key]
-        slot[name] = Adapter(layout.d_model, config, feature_dim=layout.feature_dim,
-                             **_factory_kwargs(owner, base)).train(base.training)
+        placed[key] = (slot, Adapter(layout.d_model, config, feature_dim=layout.feature_dim,
+                                     **factory_kwargs(owner, base)).train(base.training))
     if prior:
         gm: fx.GraphModule = model  # type: ignore[assignment]
         gm.graph = plan.graph
     else:
         gm = fx.GraphModule(base, plan.graph, class_name=type(base).__name__)
         _share_state(base, gm)
-        gm.meta[_PRESERVED] = {STATE: state}  # kept by deepcopy
-        setattr(gm, STATE, state)
+        state.set_graph_base(gm, traced)
     _keep_constants(gm, base, plan.graph, constants)
     _install(gm, plan.sites, slots)  # type: ignore[arg-type]
+    install_set(gm, name, placed, activate=True)  # type: ignore[arg-type]
     return gm
 
 
@@ -350,17 +343,14 @@ def eject_fx(model: nn.Module, name: str | None = None) -> nn.Module:
         >>> adapterkit.eject(gm) is model, len(adapterkit.adapters(gm))
         (True, 0)
     """
-    known = set_names(model)
-    if name is not None and name not in known:
-        raise ValueError(f"no adapter set named {name!r}; injected sets: {known}")
+    if name is not None:
+        require_sets(model, name)
     # the engine's detach also restores modules that a name-mode set wrapped in the graph
-    detach(model, known if name is None else [name])
+    detach(model, set_names(model) if name is None else [name])
     _remove_empty_slots(model)  # type: ignore[arg-type]
     if adapted_modules(model):
         return model
-    state: TraceState = model.__dict__.pop(STATE)
-    model.meta.pop(_PRESERVED, None)  # type: ignore[union-attr]
-    base = state.base
+    base = state.drop_graph_base(model).base  # type: ignore[arg-type]
     _sync_back(model, base)  # type: ignore[arg-type]
     if base.training != model.training:
         base.train(model.training)

@@ -1,21 +1,30 @@
-"""Applying a declarative freeze spec: what ``train`` selects stays trainable, all else freezes."""
+"""Applying a declarative freeze spec: what ``train`` selects stays trainable, all else freezes.
+
+Also what makes gradients reach adapters under reentrant gradient checkpointing. A reentrant
+checkpoint whose inputs do not require grad gives nothing inside it a gradient; with a frozen
+embedding, nothing does. ``freeze`` makes the input embeddings' output require grad while
+adapters train and a module has ``gradient_checkpointing`` on (as PEFT's
+``enable_input_require_grads``; transformers does it itself only for models whose input is
+``input_ids``, not for ViT's ``pixel_values``). The hooks go when the last set does.
+"""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import FreezeSpec
-from .guards import is_quantized, quantized_message, quantized_weights, where
-from .integrations import pretrained
+from . import state
+from .adapter import is_quantized, quantized_message, quantized_weights, where
+from .config import FreezeSpec, as_entries
 from .report import format_table, percent
 from .select import compile_selector, no_match_error
-from .surgery import current_active
-from .tree import adapted_modules, every_name, set_names
+from .slot import Composition
+from .tree import adapted_modules, every_name, is_pretrained, require_sets, set_names
 
 
 @dataclass(frozen=True)
@@ -38,10 +47,8 @@ class FreezeReport:
 
 
 def _adapter_params(model: nn.Module, set_name: str | None) -> set[int]:
-    if set_name is not None and set_name not in set_names(model):
-        raise ValueError(
-            f"'adapters:{set_name}' names no injected set; injected sets: {set_names(model)}"
-        )
+    if set_name is not None:
+        require_sets(model, set_name, f"'adapters:{set_name}': ")
     return {
         id(p)
         for _, _, slot in adapted_modules(model)
@@ -93,12 +100,12 @@ def _reached(model: nn.Module, active: list) -> set[str]:
     reached |= {s for e in active if not isinstance(e, str) for s in e.sets}
     for _, _, slot in adapted_modules(model):
         reached |= {s for e in active if isinstance(e, str) and e in slot
-                    for s in getattr(slot[e], "sets", ())}
+                    and isinstance(slot[e], Composition) for s in slot[e].sets}
     return reached
 
 
 def _warn_inactive(model: nn.Module) -> None:
-    active = current_active(model)
+    active = state.active(model)
     reached = _reached(model, active)
     idle = {
         set_name: n
@@ -115,10 +122,6 @@ def _warn_inactive(model: nn.Module) -> None:
             f"active ones (train=[{', '.join(repr('adapters:' + a) for a in active)}])",
             stacklevel=3,
         )
-
-
-def _entries(value: Sequence[str] | str) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -164,7 +167,7 @@ def freeze(
 
     On a transformers model with frozen input embeddings, trainable adapters also get the
     embeddings' output to require grad while gradient checkpointing is on, so that a
-    reentrant checkpoint passes them gradients (see ``adapterkit.integrations.pretrained``).
+    reentrant checkpoint passes them gradients (see this module's docstring).
 
     Example:
         >>> import adapterkit
@@ -181,9 +184,8 @@ def freeze(
     if spec is not None and (train is not None or freeze):
         raise TypeError("give a spec or train=/freeze=, not both")
     if spec is None:
-        # a str is one entry, where tuple("adapters") would split it into characters
-        spec = FreezeSpec(train=("adapters",) if train is None else _entries(train),
-                          freeze=_entries(freeze))
+        spec = FreezeSpec(train=("adapters",) if train is None else as_entries("train", train),
+                          freeze=as_entries("freeze", freeze))
     spec = FreezeSpec.coerce(spec)
 
     keep: set[int] = set()
@@ -201,11 +203,10 @@ def freeze(
             p.requires_grad_(wanted)
         if not wanted:
             p.grad = None
-    for _, _, slot in adapted_modules(model):
-        slot.freeze_spec = spec  # saved with the adapters, so a checkpoint says how it trained
+    state.set_freeze_spec(model, spec)  # saved with the adapters: how a checkpoint trained
     adapters_train = any(p.requires_grad for _, _, slot in adapted_modules(model)
                          for p in slot.parameters())
-    pretrained.require_input_grads(model, adapters_train)
+    require_input_grads(model, adapters_train)
     _warn_inactive(model)
     _warn_low_precision(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -226,3 +227,55 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
         22
     """
     return [p for p in model.parameters() if p.requires_grad]
+
+
+# -- gradients under reentrant checkpointing ------------------------------------------------
+
+
+class RequireGradWhileCheckpointing:
+    """Forward hook on an input embedding: its output requires grad while gradient
+    checkpointing is on, so that a reentrant checkpoint above it passes gradients."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.checkpointing = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if (isinstance(output, torch.Tensor) and torch.is_grad_enabled()
+                and not output.requires_grad
+                and any(m.gradient_checkpointing for m in self.checkpointing)):
+            output.requires_grad_(True)
+
+
+def _input_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embeddings of ``model`` and of the transformers models inside it."""
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        if not is_pretrained(module):
+            continue
+        try:
+            embedding = module.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(embedding, nn.Module):
+            found.setdefault(id(embedding), embedding)
+    return list(found.values())
+
+
+def require_input_grads(model: nn.Module, wanted: bool) -> None:
+    """Install (``wanted``) or remove the ``RequireGradWhileCheckpointing`` hooks."""
+    for module in model.modules():
+        hooks = module._forward_hooks
+        for key in [k for k, h in hooks.items() if isinstance(h, RequireGradWhileCheckpointing)]:
+            del hooks[key]
+    if not wanted or not is_pretrained(model):
+        return
+    hook = RequireGradWhileCheckpointing(model)
+    for embedding in _input_embeddings(model):
+        if not any(p.requires_grad for p in embedding.parameters()):
+            embedding.register_forward_hook(hook)
+
+
+@state.on_sets_changed
+def _drop_input_hooks(model: nn.Module) -> None:
+    if not set_names(model):
+        require_input_grads(model, False)

@@ -9,6 +9,13 @@ transformers' ``config.json`` and ``model.safetensors``::
 and ``load_adapters(model, d)`` reads it back: every set, and which of them are active. The
 files sit in a subfolder because transformers' ``from_pretrained`` takes a folder whose top
 level holds ``adapter_config.json`` for a PEFT adapter (when peft is installed).
+
+The hook that makes ``save_pretrained`` write them lives here too: while a transformers
+``PreTrainedModel`` holds sets, an instance attribute over the class's method runs the method,
+then ``save_bundle``, so that ``from_pretrained(d)`` followed by
+``adapterkit.load_adapters(model, d)`` is the trained model again (``Trainer.save_model`` and
+Trainer checkpoints call ``save_pretrained`` too). ``state.sync`` keeps it in step with the
+sets on every path that adds or removes them. transformers is never imported.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapterfile import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError, write_atomically
-from .checkpoint import collect, load_adapters
-from .surgery import current_active, detach, store_active
-from .tree import adapted_modules, set_names
+from .. import state
+from ..errors import AdapterFileError
+from ..surgery import detach, store_active
+from ..tree import adapted_modules, is_pretrained, set_names
+from .adapterfile import CONFIG_FILE, WEIGHTS_FILE, write_atomically
+from .checkpoint import collect, load_set
 
 SUBDIR = "adapterkit"
 INDEX = "sets.json"
@@ -44,7 +53,7 @@ def check_saveable(model: nn.Module) -> None:
     # gathered here (every rank would have to join): refuse before anything is written.
     sharded = any(hasattr(p, "full_tensor") for _, _, slot in adapted_modules(model)
                   for p in slot.parameters())
-    compositions = [e for e in current_active(model) if not isinstance(e, str)]
+    compositions = [e for e in state.active(model) if not isinstance(e, str)]
     if compositions:
         raise ValueError(
             f"the active list holds {compositions[0]}, which sets.json records only as set "
@@ -74,7 +83,7 @@ def save_bundle(model: nn.Module, directory: str | os.PathLike[str],
     for name in names:
         write_atomically(root / name, *collect(model, name, include.get(name, ())))
     index = {"format": INDEX_FORMAT, "format_version": 1, "sets": names,
-             "active": current_active(model)}
+             "active": state.active(model)}
     tmp = root / f".{INDEX}.tmp"
     tmp.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(tmp, root / INDEX)
@@ -85,7 +94,7 @@ def save_bundle(model: nn.Module, directory: str | os.PathLike[str],
     return root
 
 
-def _read_index(root: Path) -> dict[str, Any]:
+def read_index(root: Path) -> dict[str, Any]:
     file = root / INDEX
     try:
         index = json.loads(file.read_text())
@@ -111,7 +120,7 @@ def load_bundle(model: nn.Module, directory: str | os.PathLike[str],
     load leaves the model as it was.
     """
     root = Path(directory) / SUBDIR
-    index = _read_index(root)
+    index = read_index(root)
     sets: list[str] = index["sets"]
     if name is not None and len(sets) != 1:
         raise ValueError(
@@ -119,7 +128,7 @@ def load_bundle(model: nn.Module, directory: str | os.PathLike[str],
             f"adapterkit.load_adapters(model, '{root / sets[0]}', name={name!r})"
         )
     rename = {s: (name if name is not None else s) for s in sets}
-    before_sets, before_active = set_names(model), current_active(model)
+    before_sets, before_active = set_names(model), state.active(model)
     kept = {
         (key, set_name, k): t.clone()
         for key, _, slot in adapted_modules(model)
@@ -128,7 +137,7 @@ def load_bundle(model: nn.Module, directory: str | os.PathLike[str],
     }
     try:
         for saved in sets:
-            load_adapters(model, root / saved, rename[saved])
+            load_set(model, root / saved, rename[saved])
     except BaseException:
         _roll_back(model, before_sets, before_active, kept)
         raise
@@ -148,3 +157,34 @@ def _roll_back(model: nn.Module, before_sets: list[str], before_active: list[str
                     if (key, set_name, k) in kept:
                         t.copy_(kept[(key, set_name, k)])
     store_active(model, before_active)
+
+
+# -- save_pretrained keeps the adapters -------------------------------------------------------
+
+_HOOKED = "save_pretrained"
+
+
+class SavePretrained:
+    """``model.save_pretrained`` that also writes the adapters to ``<dir>/adapterkit/``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        if set_names(model):
+            check_saveable(model)  # before transformers writes anything
+        result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        is_main = kwargs.get("is_main_process", args[0] if args else True)
+        if is_main and set_names(model):
+            save_bundle(model, save_directory)
+        return result
+
+
+@state.on_sets_changed
+def _sync_save_hook(model: nn.Module) -> None:
+    hooked = isinstance(state.instance_method(model, _HOOKED), SavePretrained)
+    if set_names(model) and is_pretrained(model) and not hooked:
+        state.set_instance_method(model, _HOOKED, SavePretrained(model))
+    elif hooked and not set_names(model):
+        state.set_instance_method(model, _HOOKED, None)

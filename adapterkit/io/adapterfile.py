@@ -18,9 +18,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import AdapterConfig, FreezeSpec
-from .fusion import FusionConfig
-from .layout import Layout
+from ..config import AdapterConfig, FreezeSpec, FusionConfig
+from ..errors import AdapterFileError
+from ..layout import Layout
 
 FORMAT = "adapterkit"
 # 2 added "layouts"; 3 added fusion sets. A file is written with the oldest version that
@@ -30,10 +30,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _FIELDS = {"format", "format_version", "name", "config", "targets", "include", "freeze", "base"}
 _OPTIONAL = {"layouts"}  # absent from version 1 files: the layouts are inferred again
-
-
-class AdapterFileError(ValueError):
-    """An adapter directory that cannot be loaded into this model; the message says why."""
 
 
 def config_json(config: AdapterConfig | FusionConfig) -> dict[str, Any]:

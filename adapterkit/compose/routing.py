@@ -31,11 +31,12 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .lifecycle import Entry, as_entries
-from .outputs import TENSOR_LIKE, find_hidden, first_tensor, get_path, replace_path
-from .slot import AdapterSlot
-from .surgery import check_entries
-from .tree import adapted_modules, set_names
+from .. import state
+from ..lifecycle import Entry, as_entries
+from ..outputs import TENSOR_LIKE, find_hidden, first_tensor, get_path, replace_path
+from ..slot import AdapterSlot
+from ..surgery import check_entries
+from ..tree import adapted_modules
 
 # torch's own transformer layers pass (seq, batch, feature) tensors from layer to layer when
 # their attention is not batch_first; no attribute on them says so but their attention's.
@@ -218,12 +219,15 @@ def _check_rows(model: nn.Module, names: Sequence[Any]) -> list[tuple[Entry, ...
             "routed() takes one entry per example (a set name, a list of set names, or None "
             f"for the base model), got {names!r}"
         )
-    known = set_names(model)
     rows = []
+    checked: dict[tuple, tuple[Entry, ...]] = {}  # a batch has many rows, few distinct ones
     for i, name in enumerate(names):
         try:
-            rows.append(check_entries(model, as_entries(name), known,
-                                      once="each set may run once per example"))
+            entries = tuple(as_entries(name))
+            if entries not in checked:
+                checked[entries] = check_entries(model, list(entries),
+                                                 once="each set may run once per example")
+            rows.append(checked[entries])
         except (TypeError, ValueError) as err:
             raise type(err)(f"example {i}: {err}") from None
     return rows
@@ -260,16 +264,13 @@ def routed(model: nn.Module, names: Sequence[Any]) -> Iterator[nn.Module]:
     slots = adapted_modules(model)
     if not slots:
         raise ValueError("routed() needs adapter sets; this model has none (inject first)")
-    if any(slot.route is not None for _, _, slot in slots):
+    if state.route(model) is not None:
         raise ValueError("the model is already inside routed(); one routing at a time")
     rows = _check_rows(model, names)
     modules = dict(model.named_modules())
     layouts = {id(slot): _layout(modules, key) for key, _, slot in slots}
-    route = Route(rows, layouts)
-    for _, _, slot in slots:
-        slot.route = route
+    state.set_route(model, Route(rows, layouts))
     try:
         yield model
     finally:
-        for _, _, slot in slots:
-            slot.route = None
+        state.set_route(model, None)

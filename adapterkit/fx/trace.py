@@ -4,7 +4,8 @@
 tracer failure into ``UntraceableModelError``; every call of a module selected by name comes
 out of the graph through a ``module_output`` marker node, which ``adapterkit.fx`` later
 replaces by the site's slot. ``last_dims`` propagates fake tensors through a traced graph to
-find the width of values that no module owns.
+find the width of values that no module owns (with ``probe.fake_run``, as ``inject`` reads
+``example_inputs``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .select import compile_selector
+from ..errors import UntraceableModelError
+from ..probe import fake_run
+from ..select import compile_selector
 
 # Frames of these files are adapterkit's own: an error quotes the model's line, not ours.
-_OWN_FILE = re.compile(r"adapterkit/fx(_\w+)?\.py$")
-
-
-class UntraceableModelError(ValueError):
-    """``torch.fx`` could not trace the model; the message quotes the tracer's reason."""
+_OWN_FILE = re.compile(r"adapterkit/fx/\w+\.py$")
 
 
 @dataclass
@@ -146,13 +145,13 @@ def _depends_on_mode(base: nn.Module, tracer: SiteTracer, state: TraceState,
 
 
 class _Probe(nn.Module):
-    """Runs the graph over the base (its tensors swapped for fakes) and notes last dims."""
+    """Runs the graph over the base and notes the last dim of every tensor it computes."""
 
     def __init__(self, base: nn.Module, graph: fx.Graph) -> None:
         super().__init__()
         self.base, self.graph = base, graph
 
-    def forward(self, *args: Any) -> dict[fx.Node, int | None]:
+    def forward(self, *args: Any, **kwargs: Any) -> dict[fx.Node, int | None]:
         widths: dict[fx.Node, int | None] = {}
 
         class Recorder(fx.Interpreter):
@@ -162,35 +161,24 @@ class _Probe(nn.Module):
                     widths[n] = int(result.shape[-1]) if result.dim() else None
                 return result
 
-        Recorder(self.base, graph=self.graph).run(*args)
+        # keyword inputs fill forward's parameters by name, in the graph's placeholder order
+        names = [n.target for n in self.graph.nodes if n.op == "placeholder"][len(args):]
+        missing = [n for n in names if n not in kwargs]
+        if missing and kwargs:
+            raise TypeError(f"example_inputs has no value for {missing}")
+        Recorder(self.base, graph=self.graph).run(*args, *(kwargs[n] for n in names if kwargs))
         return widths
 
 
 def last_dims(base: nn.Module, graph: fx.Graph, example_inputs: object) -> dict:
-    """``node -> last dimension`` of every tensor ``graph`` computes on ``example_inputs``.
-
-    A scalar's entry is None. Nothing is computed and the model is not touched.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)):
-        raise TypeError("example_inputs must be a tensor or a tuple of forward's positional "
-                        f"inputs, got {type(example_inputs).__name__}")
-    probe = _Probe(base, graph)
+    """``node -> last dimension`` of every tensor ``graph`` computes on ``example_inputs``
+    (as ``inject`` takes them: a tensor, a tuple of positional inputs or a dict of keyword
+    inputs). A scalar's entry is None. Runs on fake tensors: the model is not touched."""
     try:
-        # Fake tensors: no compute, no RNG draw, and a module's in-place state updates
-        # (BatchNorm statistics) land on the fakes, never on the model.
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            state = {k: mode.from_tensor(t) for k, t in (
-                *probe.named_parameters(remove_duplicate=False),
-                *probe.named_buffers(remove_duplicate=False))}
-            args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
-                         for a in example_inputs)
-            return torch.func.functional_call(probe, state, args)
+        return fake_run(_Probe(base, graph), example_inputs)
     except Exception as err:  # noqa: BLE001 - reported with the reason
         raise ValueError(
             f"example_inputs do not run through the traced {type(base).__name__} "
-            f"({type(err).__name__}: {err}); pass forward's positional inputs as a tuple"
+            f"({type(err).__name__}: {err}); pass forward's inputs: a tensor, a tuple of "
+            "positional inputs or a dict of keyword inputs"
         ) from err

@@ -24,71 +24,16 @@ be ejected while the fusion is there.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapter import Adapter
-from .config import from_known_fields
-from .surgery import _check_set_name
-from .tree import adapted_modules, set_names
-
-
-@dataclass(frozen=True)
-class FusionConfig:
-    """What a fusion set fuses, and how its attention starts.
-
-    Example:
-        >>> FusionConfig(sets=("a", "b")).to_dict()
-        {'sets': ['a', 'b'], 'dropout': 0.0, 'key_init_std': 0.02, 'output_key': None}
-        >>> FusionConfig(sets=("a",))
-        Traceback (most recent call last):
-        ...
-        ValueError: FusionConfig.sets must name at least two different sets, got ('a',)
-    """
-
-    sets: tuple[str, ...]
-    dropout: float = 0.0  # on the attention scores, as AdapterHub's attention_probs_dropout_prob
-    # std of the key projection's initial weights (AdapterHub's init_bert_weights: 0.02); 0
-    # would leave query and key without a gradient for ever, since the query starts at zero
-    key_init_std: float = 0.02
-    output_key: int | str | None = None  # the fused sets' output_key: what they all adapt
-
-    def __post_init__(self) -> None:
-        sets = self.sets
-        if isinstance(sets, str) or not isinstance(sets, (list, tuple)):
-            raise ValueError(f"FusionConfig.sets must be a list of set names, got {sets!r}")
-        object.__setattr__(self, "sets", tuple(sets))
-        distinct = set(sets)
-        if not all(isinstance(s, str) for s in sets) or len(distinct) < 2 or len(distinct) != len(
-                sets):
-            raise ValueError(
-                f"FusionConfig.sets must name at least two different sets, got {self.sets!r}"
-            )
-        for field, value in (("dropout", self.dropout), ("key_init_std", self.key_init_std)):
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or not math.isfinite(value):
-                raise ValueError(f"FusionConfig.{field} must be a finite number, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"FusionConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.key_init_std <= 0:
-            raise ValueError(
-                f"FusionConfig.key_init_std must be > 0, got {self.key_init_std}: the query "
-                "starts at zero, and with a zero key too neither would ever get a gradient"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "sets": list(self.sets)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FusionConfig:
-        """Build from a dict, refusing fields this version does not know."""
-        return from_known_fields(cls, data)
+from ..adapter import Adapter
+from ..config import FusionConfig
+from ..surgery import check_set_name, install_set
+from ..tree import adapted_modules, require_sets
 
 
 class AdapterFusion(nn.Module):
@@ -145,13 +90,16 @@ class AdapterFusion(nn.Module):
         context = (probs.unsqueeze(-2) @ branches).squeeze(-2)  # (..., d)
         return self.value(context)
 
-    # -- the composition protocol of AdapterSlot ----------------------------------------------
+    # -- the composition protocol of AdapterSlot (slot.Composition) ---------------------------
+
+    def present(self, slot: Any) -> bool:
+        return True  # a fusion runs wherever it sits: add_fusion puts it only where its sets are
 
     def output_key(self, slot: Any) -> Any:
         return self.config.output_key
 
     def delta(self, slot: Any, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        deltas = [slot._delta(name, slot[name], hidden, args, kwargs) for name in self.sets]
+        deltas = [slot.delta(name, slot[name], hidden, args, kwargs) for name in self.sets]
         # Computed in the fusion's dtype (its sets', maybe float32 on a bfloat16 base) and on
         # a feature-last view (channels-first outputs move their feature axis last for a while).
         dim, dtype = self.feature_dim, self.query.weight.dtype
@@ -163,16 +111,6 @@ class AdapterFusion(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sets={list(self.sets)}"
-
-
-def fusion_users(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    """``{fusion set: the sets it fuses}`` for every fusion in the model."""
-    return {
-        name: entry.sets
-        for _, _, slot in adapted_modules(model)
-        for name, entry in slot.items()
-        if isinstance(entry, AdapterFusion)
-    }
 
 
 def fusion_layout(slot: Any, config: FusionConfig, where: str) -> tuple[int, int]:
@@ -209,8 +147,8 @@ def add_fusion(model: nn.Module, name: str, config: FusionConfig, keys: Sequence
         weight = next(slot[config.sets[0]].parameters())
         new[key] = AdapterFusion(width, config, feature_dim=dim, device=weight.device,
                                  dtype=weight.dtype).train(slot[config.sets[0]].training)
-    for key, fusion in new.items():
-        slots[key][name] = fusion
+    install_set(model, name, {key: (slots[key], fusion) for key, fusion in new.items()},
+                activate=False)
 
 
 def fuse(
@@ -244,11 +182,8 @@ def fuse(
     """
     if isinstance(sets, str):
         raise ValueError(f"fuse takes a list of set names, got the string {sets!r}")
-    known = set_names(model)
-    unknown = [s for s in sets if s not in known]
-    if unknown:
-        raise ValueError(f"fuse: no adapter set named {unknown}; injected sets: {known}")
-    _check_set_name(model, name)
+    require_sets(model, list(sets), "fuse: ")
+    check_set_name(model, name)
     where = {key: slot for key, _, slot in adapted_modules(model)}
     keys = [key for key, slot in where.items() if all(s in slot for s in sets)]
     first = next((slot[s] for slot in where.values() for s in sets if s in slot), None)

@@ -1,0 +1,79 @@
+"""The public save and load: which kind of folder a path is, and the code that reads it.
+
+``load_adapters`` takes a folder written by ``save_adapters`` (one set, ``checkpoint.py``), or a
+model folder whose ``save_pretrained`` held adapters (every set, ``bundle.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from .adapterfile import CONFIG_FILE
+from .bundle import is_bundle, load_bundle
+from .checkpoint import load_set, save_set
+
+
+def save_adapters(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    name: str = "default",
+    include: Sequence[str] = (),
+) -> Path:
+    """Write adapter set ``name`` (and the modules ``include`` selects) to directory ``path``.
+
+    The directory gets ``adapter_config.json`` and ``adapter_model.safetensors``. The write
+    goes to a temporary directory first and is renamed into place, so an interrupted save
+    leaves an earlier save at ``path`` intact. A directory at ``path`` that holds other
+    files is refused rather than replaced.
+
+    Under ``torch.distributed`` every rank must call it (sharded tensors are gathered);
+    rank 0 writes, and every rank returns once the files are written. A
+    ``DistributedDataParallel`` wrapper is seen through: its ``.module`` is saved.
+
+    Example:
+        >>> import tempfile, torch, adapterkit
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> _ = adapterkit.inject(model, ["0"], adapterkit.AdapterConfig(bottleneck=4))
+        >>> out = adapterkit.save_adapters(model, tempfile.mkdtemp() + "/a", include=["1"])
+        >>> sorted(p.name for p in out.iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # so that names and base class are those of the model itself
+    return save_set(model, Path(path), name, include)
+
+
+def load_adapters(
+    model: nn.Module, path: str | os.PathLike[str], name: str | None = None
+) -> nn.Module:
+    """Load a saved adapter set into ``model``, injecting it first if it is not there.
+
+    ``name`` renames the set (default: the saved name). Weights are cast to the dtype and
+    device of the adapters they load into. Every check (format, config, base fingerprint,
+    keys, shapes) runs before the model changes; on any error the model is as it was.
+    Under ``torch.distributed``, load into the unsharded model, then wrap it. A fusion set
+    (``fuse``) loads onto the slots of its fused sets, which must be in the model already.
+
+    Example:
+        >>> import tempfile, torch, adapterkit
+        >>> def make():
+        ...     return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)).eval()
+        >>> model = adapterkit.inject(make(), ["0"], adapterkit.AdapterConfig(init="normal"))
+        >>> where = adapterkit.save_adapters(model, tempfile.mkdtemp() + "/a")
+        >>> fresh = make()
+        >>> fresh.load_state_dict({k: v for k, v in model.state_dict().items()
+        ...                        if ".adapterkit." not in k})  # the trained base weights
+        <All keys matched successfully>
+        >>> fresh = adapterkit.load_adapters(fresh, where)
+        >>> x = torch.randn(3, 8)
+        >>> bool(torch.equal(fresh(x), model(x)))
+        True
+    """
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists() and is_bundle(path):
+        return load_bundle(model, path, name)  # a folder written by save_pretrained
+    return load_set(model, path, name)
