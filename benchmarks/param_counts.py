@@ -262,7 +262,7 @@ def render(rows: list[dict]) -> str:
         "T5's cross-attention gets no adapter. `#` is the number of adapters.\n\n"
         + common.table(header, out)
         + f"\n\nAll {checked} counts equal the closed form `n * (2*d*b + b + d)` (checked by the "
-        "script, which stops at the first mismatch; `tests/test_param_counts.py` checks the "
+        "script, which stops at the first mismatch; `tests/docs/test_param_counts.py` checks the "
         "same on the reference GPT and BERT).\n\n" + note
         + "\n\n![Trainable share against bottleneck, per model](param_counts.png)\n\n"
         "`python benchmarks/plots.py` redraws the plot from benchmarks/results/."

@@ -1,9 +1,9 @@
 """One rank of the distributed tests: train adapters on this rank's shard of a global batch.
 
-``tests/test_distributed.py`` launches it as users launch training::
+``tests/ecosystem/test_distributed.py`` launches it as users launch training::
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py \\
-        --mode ddp --out DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 2 \\
+        tests/ecosystem/dist_worker.py --mode ddp --out DIR
 
 and trains the same model on the whole batch in one process (``train(..., world=1)``) to
 compare. Rank 0 writes what the test checks under ``DIR``: ``weights.safetensors`` (the

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit import AdapterConfig
-from adapterkit import NoGradientError
+from adapterkit import AdapterConfig, NoGradientError
 from tests.conftest import make_gpt
 
 pytest.importorskip("torchao", reason="needs the 'quant' extra: pip install -e '.[quant]'")

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adapterkit
-from adapterkit import Adapter, AdapterConfig
-from adapterkit import LayoutError
+from adapterkit import Adapter, AdapterConfig, LayoutError
 from tests.conftest import assert_same, snapshot
 from tests.zoo import ConvNet, Recurrent, ResBlock, Twice
 

@@ -169,7 +169,7 @@ def test_plan_on_hugging_face_models_learns_kinds_by_running() -> None:
 
 # -- docs/models.md's support table is computed, not typed ----------------------------------------
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "models.md"
 
 
 def _reference_models() -> dict[str, Callable[[], nn.Module]]:

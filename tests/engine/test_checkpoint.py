@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import adapterkit
-from adapterkit import AdapterConfig
-from adapterkit import AdapterFileError
+from adapterkit import AdapterConfig, AdapterFileError
 from tests.conftest import MLP, assert_same, make_gpt, snapshot
 
 NONZERO = AdapterConfig(bottleneck=4, init="normal", init_std=0.5, dropout=0.0)

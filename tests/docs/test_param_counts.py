@@ -20,7 +20,7 @@ from adapterkit import AdapterConfig
 from adapterkit.models.gpt import GPT
 from tests.conftest import make_gpt
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import param_counts  # noqa: E402
 
 HF_REASON = "Hugging Face models need the 'hf' extra: pip install -e '.[hf]'"

@@ -11,7 +11,7 @@ from adapterkit.select import select_modules
 from adapterkit.tree import candidates
 from tests.conftest import make_gpt
 
-DOC = Path(__file__).parent.parent / "docs" / "targets.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "targets.md"
 
 
 def rows():

@@ -1,9 +1,9 @@
 """Adapter training under torch.distributed equals training in one process.
 
-Each mode launches ``tests/dist_worker.py`` the way users launch training (``torchrun``, here
-``python -m torch.distributed.run``) with 2 processes on the gloo backend; each rank trains on
-its half of every global batch. The same model trained on the whole batches in this process
-is the reference. A launch that hangs is killed and fails the test.
+Each mode launches ``tests/ecosystem/dist_worker.py`` the way users launch training
+(``torchrun``, here ``python -m torch.distributed.run``) with 2 processes on the gloo backend;
+each rank trains on its half of every global batch. The same model trained on the whole
+batches in this process is the reference. A launch that hangs is killed and fails the test.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import adapterkit
 pytestmark = pytest.mark.slow  # a few seconds a launch: two processes each import torch
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]  # the repository: adapterkit importable without an install
 LAUNCH_TIMEOUT_S = 100
 
 
@@ -32,7 +33,7 @@ def launch(mode: str, out: Path) -> dict:
     """Run the worker on 2 ranks; its report, or a failure with the launcher's output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",  # a free port
            "--nproc_per_node", "2", str(HERE / "dist_worker.py"), "--mode", mode, "--out", str(out)]
-    path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)

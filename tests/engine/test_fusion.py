@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 import adapterkit
-from adapterkit import AdapterConfig, AdapterFusion
-from adapterkit import AdapterFileError
+from adapterkit import AdapterConfig, AdapterFileError, AdapterFusion
 from adapterkit.io.adapterfile import FORMAT_VERSION
 from tests.conftest import assert_same, make_gpt, snapshot
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import adapterkit
-from adapterkit import AdapterConfig
-from adapterkit import UninitialisedAdapterError
+from adapterkit import AdapterConfig, UninitialisedAdapterError
 from tests.conftest import assert_same, make_gpt, snapshot
 
 TARGETS = ["mha_block", "ffn_block"]

@@ -16,9 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adapterkit
-from adapterkit import AdapterConfig, calls
-from adapterkit import AdapterFileError
-from adapterkit import UntraceableModelError
+from adapterkit import AdapterConfig, AdapterFileError, UntraceableModelError, calls
 from adapterkit.fx import GraphSlot
 from tests.conftest import MLP, assert_same, make_gpt, snapshot
 
@@ -538,7 +536,7 @@ def test_a_graph_that_depends_on_the_mode_warns(x):
 
 def test_docs_example_runs():
     """docs/fx.md's worked example, run as written."""
-    text = (Path(__file__).parents[1] / "docs" / "fx.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "fx.md").read_text()
     code = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
     assert "inject(" in code
     exec(compile(code, "docs/fx.md", "exec"), {"__name__": "docs_fx"})  # noqa: S102
