@@ -227,9 +227,13 @@ def test_auto_places_two_adapters_per_layer_and_by_the_expected_route(case: Case
 
 # -- identity at initialisation -------------------------------------------------------------------
 
+# The reference GPT's identity at init, eval and train, is tests/engine/test_inject.py's
+# hypothesis test (any targets, placement and config, to 1e-6): not repeated here.
+NOT_GPT = [c for c in CASES if c.name != "reference GPT"]
+
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-@pytest.mark.parametrize("case", CASES, ids=ids)
+@pytest.mark.parametrize("case", NOT_GPT, ids=[c.name for c in NOT_GPT])
 def test_identity_at_init(case: Case, mode: str) -> None:
     model = case.build().train(mode == "train")
     batch = case.batch()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import adapterkit
 from adapterkit import AdapterConfig
@@ -32,10 +33,53 @@ def check_switching(model, compiled, x):
     assert torch.allclose(compiled(x), only_a, atol=1e-5)  # no stale graph after the block
 
 
-def test_compile_aot_eager_matches_eager_and_follows_switches():
-    model = adapted()
-    x = torch.randint(0, 61, (2, 9))
-    check_switching(model, torch.compile(model, backend="aot_eager"), x)
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def sets_and_a_fusion() -> nn.Module:
+    """Sets a (sequential) and b (parallel) at both sub-layers of every block, c (sequential)
+    at the attention only, and f, the fusion of a, b and c where all three sit (the
+    attention), its query as if trained: at each module a different subset of the entries."""
+    torch._dynamo.reset()
+    model = make_gpt().eval()
+    torch.manual_seed(1)
+    for name, targets, placement in [("a", ["mha_block", "ffn_block"], "sequential"),
+                                     ("b", ["mha_block", "ffn_block"], "parallel"),
+                                     ("c", ["mha_block"], "sequential")]:
+        config = AdapterConfig(bottleneck=8, init="normal", init_std=0.3, dropout=0.0,
+                               placement=placement)
+        for adapter in adapterkit.adapters(adapterkit.inject(model, targets, config, name=name),
+                                           name).values():  # trained-looking: biases too
+            nn.init.normal_(adapter.down.bias, std=0.3)
+            nn.init.normal_(adapter.up.bias, std=0.3)
+    adapterkit.fuse(model, ["a", "b", "c"], name="f")
+    for fusion in adapterkit.adapters(model, "f").values():  # not the mean
+        nn.init.normal_(fusion.query.weight, std=0.3)
+    return model
+
+
+def test_one_compiled_model_follows_switching_fusion_average_and_routing(tokens):
+    """One torch.compile (aot_eager) of one model, checked against eager after every change
+    of what runs: compiling is paid once, each change only recompiles."""
+    model = sets_and_a_fusion()
+    assert adapterkit.active(model) == ["a", "b", "c"]
+    # every change of the active list is a recompile: past the limit torch would quietly run
+    # eager code and every comparison below would hold trivially, so hitting it fails instead
+    with torch._dynamo.config.patch(recompile_limit=32, fail_on_recompile_limit_hit=True):
+        compiled = torch.compile(model, backend="aot_eager")
+        check_switching(model, compiled, tokens)
+        # a fusion, output averaging, and a list holding a fusion
+        for entry in ["f", adapterkit.average({"a": 0.2, "c": 0.8}), ["a", "f"]]:
+            adapterkit.set_active(model, entry)
+            close(compiled(tokens), model(tokens))
+        # routing: each row its own entries, and no routing left in the graph after the block
+        for names in [["a", None, "b"], [["b", "a"], "f", None]]:
+            with torch.no_grad(), adapterkit.routed(model, names):
+                close(compiled(tokens), model(tokens))
+        with torch.no_grad():
+            adapterkit.set_active(model, ["c"])
+            close(compiled(tokens), model(tokens))
 
 
 def test_compiled_training_step_gives_eager_gradients():

@@ -200,18 +200,6 @@ def test_fusion_of_channels_first_adapters_attends_over_channels() -> None:
     close(model[0](x), expected)
 
 
-def test_compiled_model_runs_fusion_and_average_like_eager(tokens: torch.Tensor) -> None:
-    torch._dynamo.reset()
-    model = with_sets(make_gpt().eval())
-    adapterkit.fuse(model, SETS, name="f")
-    for fusion in adapterkit.adapters(model, "f").values():
-        nn.init.normal_(fusion.query.weight, std=0.3)
-    compiled = torch.compile(model, backend="aot_eager")
-    for entry in ["f", adapterkit.average({"a": 0.2, "c": 0.8}), ["a", "f"]]:
-        adapterkit.set_active(model, entry)
-        close(compiled(tokens), model(tokens))
-
-
 
 def test_a_float32_fusion_on_a_bfloat16_base_returns_the_base_dtype() -> None:
     torch.manual_seed(0)

@@ -341,15 +341,3 @@ def test_channels_first_conv_outputs() -> None:
     with torch.no_grad():
         for i, entry in enumerate(names):
             close(y[i:i + 1], alone(model, entry, x[i:i + 1]))
-
-
-def test_compiled_model_follows_the_routing(tokens: torch.Tensor) -> None:
-    torch._dynamo.reset()
-    model = routed_gpt().eval()
-    compiled = torch.compile(model, backend="aot_eager")
-    for names in [["a", None, "b"], [["b", "a"], "f", None]]:
-        with torch.no_grad(), adapterkit.routed(model, names):
-            close(compiled(tokens), model(tokens))
-    with torch.no_grad():
-        adapterkit.set_active(model, ["c"])
-        close(compiled(tokens), model(tokens))  # no routing left in the compiled graph
