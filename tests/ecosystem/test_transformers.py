@@ -114,6 +114,23 @@ def test_eject_restores_save_pretrained_and_copies_save_their_own_adapters(tmp_p
     assert torch.equal(logits(loaded), logits(clone))
 
 
+def test_merge_then_unmerge_then_save_pretrained_keeps_the_adapters(tmp_path):
+    """unmerge puts the set back with its save_pretrained hook: the folder holds the set."""
+    model = bert_cls()
+    mergeable = adapterkit.AdapterConfig(activation="identity", init="normal", init_std=0.3,
+                                         dropout=0.0)
+    adapterkit.inject(model, "auto", mergeable, name="a")
+    model.eval()
+    merged = adapterkit.merge(model, "a")
+    adapterkit.unmerge(model, merged)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapterkit" / "sets.json").is_file()
+    fresh = adapterkit.load_adapters(t.BertForSequenceClassification.from_pretrained(tmp_path),
+                                     tmp_path)
+    assert adapterkit.active(fresh) == ["a"]
+    torch.testing.assert_close(logits(fresh.eval()), logits(model), atol=0, rtol=0)
+
+
 def test_a_failing_multi_set_load_leaves_the_model_as_it_was(tmp_path):
     model = bert_cls()
     adapterkit.inject(model, "auto", TRAINED, name="a")
