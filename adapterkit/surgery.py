@@ -338,5 +338,6 @@ def check_entries(model: nn.Module, names: list[Any],
 
 
 def store_active(model: nn.Module, names: list[Any]) -> None:
-    """Make ``names`` active: set names, or compositions (compose/averaging.py) that check their sets."""
+    """Make ``names`` active: set names, or compositions (compose/averaging.py) that check
+    their sets."""
     state.set_active(model, check_entries(model, names))
