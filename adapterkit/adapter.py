@@ -10,6 +10,7 @@ mode) the checks cost one attribute look-up and ``torch.is_grad_enabled()``.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -203,21 +204,78 @@ def _trainable(adapter: nn.Module) -> bool:
     return any(p.requires_grad for p in adapter.parameters())
 
 
-def _checkpoint_inputs() -> tuple | None:
-    """The inputs of the reentrant ``torch.utils.checkpoint`` being run, if any.
+# -- which torch.utils.checkpoint call is running ---------------------------------------------
+#
+# No public API tells that a checkpoint is running, or which one. The reentrant checkpoint runs
+# the function under no_grad inside CheckpointFunction.forward(ctx, ...), and again (the
+# recompute) with gradients inside CheckpointFunction.backward(ctx, ...): the same ctx both
+# times. The non-reentrant checkpoint runs it under saved-tensor hooks whose pack function holds
+# the call's _CheckpointFrame, and recomputes it under other hooks that hold a weak reference to
+# that frame. Both are read here, once per adapter call, and only inside a checkpoint.
 
-    Its first forward runs the wrapped function under ``no_grad`` inside
-    ``CheckpointFunction.forward(ctx, run_function, preserve_rng_state, *args)``; that frame's
-    ``args`` are the checkpoint's inputs. No public API tells that a checkpoint is running.
-    """
-    target = getattr(getattr(torch.utils.checkpoint, "CheckpointFunction", None), "forward", None)
-    code = getattr(target, "__code__", None)
+
+def _code(owner: object, attr: str) -> object:
+    return getattr(getattr(owner, attr, None), "__code__", None)
+
+
+def _inner_code(init: object, name: str) -> object:
+    consts = getattr(getattr(init, "__code__", None), "co_consts", ())
+    return next((c for c in consts if getattr(c, "co_name", None) == name), None)
+
+
+_CP = torch.utils.checkpoint
+_REENTRANT_FORWARD = _code(getattr(_CP, "CheckpointFunction", None), "forward")
+_REENTRANT_BACKWARD = _code(getattr(_CP, "CheckpointFunction", None), "backward")
+_CHECKPOINT_PACK = _inner_code(getattr(getattr(_CP, "_checkpoint_hook", None), "__init__", None),
+                               "pack_hook")
+_RECOMPUTE_PACK = _inner_code(
+    getattr(getattr(_CP, "_recomputation_hook", None), "__init__", None), "pack_hook")
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_graph_task = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _frame_of(code: object) -> Any:
+    """The innermost Python frame running ``code``, or None."""
     frame = sys._getframe(2)
     while frame is not None and code is not None:
         if frame.f_code is code:
-            return tuple(frame.f_locals.get("args", ()))
+            return frame
         frame = frame.f_back
     return None
+
+
+def _cell(fn: Any, name: str) -> Any:
+    return fn.__closure__[fn.__code__.co_freevars.index(name)].cell_contents
+
+
+def checkpoint_scope() -> tuple[str, Any] | None:
+    """``("forward", key)`` while a ``torch.utils.checkpoint`` call runs its function the first
+    time, ``("recompute", key)`` while it recomputes it for backward, else None. ``key`` is an
+    object of that one checkpoint call (the reentrant checkpoint's autograd ctx, the
+    non-reentrant one's frame), the same in both, that attributes can be set on."""
+    hooks = _top_hooks(False) if _top_hooks is not None else None
+    if hooks is not None:  # non-reentrant: the top saved-tensor hooks are the checkpoint's
+        pack = inspect.unwrap(hooks[0])
+        code = getattr(pack, "__code__", None)
+        if code is not None and code is _CHECKPOINT_PACK:
+            return "forward", _cell(pack, "frame")
+        if code is not None and code is _RECOMPUTE_PACK:
+            return "recompute", _cell(pack, "target_frame_ref")()
+        return None
+    if not torch.is_grad_enabled():  # reentrant, first run: no_grad
+        frame = _frame_of(_REENTRANT_FORWARD)
+        return None if frame is None else ("forward", frame.f_locals["ctx"])
+    if _graph_task is not None and _graph_task() != -1:  # inside backward: a recompute?
+        frame = _frame_of(_REENTRANT_BACKWARD)
+        return None if frame is None else ("recompute", frame.f_locals["ctx"])
+    return None
+
+
+def _checkpoint_inputs() -> tuple | None:
+    """The inputs of the reentrant ``torch.utils.checkpoint`` being run, if any: the ``args``
+    of ``CheckpointFunction.forward(ctx, run_function, preserve_rng_state, *args)``."""
+    frame = _frame_of(_REENTRANT_FORWARD)
+    return None if frame is None else tuple(frame.f_locals.get("args", ()))
 
 
 def _check_reentrant_checkpoint(target: str, name: str, adapter: nn.Module) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .adapter import Adapter, check_forward
+from .adapter import Adapter, check_forward, checkpoint_scope
 from .outputs import TENSOR_LIKE, find_hidden, first_tensor, get_path, replace_path
 
 if TYPE_CHECKING:
@@ -76,9 +76,13 @@ class AdapterSlot(nn.ModuleDict):
         shared = self.shared
         if shared is None:
             return output  # not part of a model yet
-        if shared.route is not None:  # adapterkit.routed(): each example its own sets
-            return shared.route.run(self, output, args, kwargs)
-        return self.apply_entries(shared.active, output, args, kwargs)
+        # what runs: inside adapterkit.routed(), each example its own sets; else the active list
+        plan = shared.route if shared.route is not None else shared.active
+        if (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling():
+            plan = _replayed(self, plan)
+        if isinstance(plan, tuple):
+            return self.apply_entries(plan, output, args, kwargs)
+        return plan.run(self, output, args, kwargs)
 
     def apply_entries(self, entries: tuple, output: Any, args: tuple, kwargs: dict) -> Any:
         """Apply ``entries`` (set names, or compositions such as ``average(...)``) in order;
@@ -178,6 +182,56 @@ class AdapterSlot(nn.ModuleDict):
 
     def extra_repr(self) -> str:
         return f"active={list(self.shared.active) if self.shared else []}"
+
+
+class _Plans:
+    """What each slot ran during one checkpointed forward, for its recomputation.
+
+    Gradient checkpointing runs a block again during backward; by then the active sets or the
+    route may have changed (a loss computed after a ``routed()`` block, two forwards with other
+    sets before one backward). The recompute must run what the forward ran, or the gradients
+    are wrong: each slot's plans are recorded in call order and replayed in the same order,
+    counted per backward pass (a graph task), so that every backward replays them all.
+    """
+
+    def __init__(self) -> None:
+        self.calls: dict[AdapterSlot, list[Any]] = {}
+        self.cursor: dict[tuple[AdapterSlot, int], int] = {}
+
+    def replay(self, slot: AdapterSlot) -> Any:
+        calls = self.calls.get(slot, [])
+        key = (slot, torch._C._current_graph_task_id())
+        i = self.cursor.get(key, 0)
+        self.cursor[key] = i + 1
+        if i >= len(calls):
+            raise RuntimeError(
+                f"module '{slot.target_name}' ran {i + 1} time(s) while gradient checkpointing "
+                f"recomputed its block, but {len(calls)} time(s) in the forward: adapterkit "
+                "cannot tell which adapter sets the extra call ran. Keep the block's calls the "
+                "same in the forward and the recompute (no branching on state that changes)"
+            )
+        return calls[i]
+
+
+_PLANS = "_adapterkit_plans"  # set on a checkpoint call's own object (see checkpoint_scope)
+
+
+def _replayed(slot: AdapterSlot, plan: Any) -> Any:
+    """``plan`` (what runs now) recorded in a checkpointed forward, or, in the recompute of
+    that forward, what the slot ran then."""
+    scope = checkpoint_scope()
+    if scope is None:
+        return plan
+    phase, key = scope
+    plans = getattr(key, _PLANS, None)
+    if phase == "forward":
+        if plans is None:
+            plans = _Plans()
+            setattr(key, _PLANS, plans)
+        plans.calls.setdefault(slot, []).append(plan)
+        return plan
+    # a recompute: a slot that did not run in the forward (injected since) runs nothing
+    return plans.replay(slot) if plans is not None and slot in plans.calls else ()
 
 
 def _final_state_delta(rnn: RNNState, seq: Any, delta: torch.Tensor,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from .config import FreezeSpec
@@ -167,6 +168,27 @@ def set_instance_method(model: nn.Module, name: str, fn: Callable[..., Any] | No
         model.__dict__.pop(name, None)
     else:
         model.__dict__[name] = fn
+
+
+# -- what a weight's version stands for --------------------------------------------------------
+
+# unmerge puts weights back bit for bit with an in-place copy, which bumps their version
+# counter: it notes here that the new version holds what an older one held, so that a merge
+# recorded before (merges stacked on the same modules) still recognises its weights.
+_SAME_AS = "_adapterkit_same_as"
+
+
+def note_restored(t: torch.Tensor, as_of: int) -> None:
+    """``t`` now holds exactly what it held at version ``as_of``."""
+    t.__dict__.setdefault(_SAME_AS, {})[t._version] = as_of
+
+
+def version_of(t: torch.Tensor) -> int:
+    """``t``'s version counter, mapped back through exact restores."""
+    version, same = t._version, t.__dict__.get(_SAME_AS, {})
+    while version in same:
+        version = same[version]
+    return version
 
 
 # -- keeping model-level behaviour in step with the sets -------------------------------------

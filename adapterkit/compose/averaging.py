@@ -30,7 +30,8 @@ from ..tree import adapted_modules, require_sets, set_slots
 _TOLERANCE = 1e-6  # how far from 1 the weights may sum (decimal weights rarely sum exactly)
 
 
-def _weights(weights: Mapping[str, float], what: str) -> tuple[tuple[str, float], ...]:
+def _weights(weights: Mapping[str, float], what: str, *,
+             sum_to_one: bool) -> tuple[tuple[str, float], ...]:
     if not isinstance(weights, Mapping) or not weights:
         raise ValueError(f"{what} takes a non-empty dict {{set name: weight}}, got {weights!r}")
     for name, w in weights.items():
@@ -39,7 +40,7 @@ def _weights(weights: Mapping[str, float], what: str) -> tuple[tuple[str, float]
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"{what}: the weight of '{name}' must be a finite number, got {w!r}")
     total = sum(weights.values())
-    if abs(total - 1.0) > _TOLERANCE:
+    if sum_to_one and abs(total - 1.0) > _TOLERANCE:
         scaled = {k: round(v / total, 6) for k, v in weights.items()} if total else None
         hint = f", e.g. {scaled}" if scaled else ""
         raise ValueError(
@@ -123,7 +124,7 @@ def average(weights: Mapping[str, float]) -> Average:
         >>> torch.allclose(model(x), 0.7 * outputs["a"] + 0.3 * outputs["b"], atol=1e-6)
         True
     """
-    return Average(_weights(weights, "average"))
+    return Average(_weights(weights, "average", sum_to_one=True))
 
 
 # -- parameter averaging -------------------------------------------------------------------------
@@ -182,10 +183,14 @@ def average_sets(model: nn.Module, weights: Mapping[str, float], name: str) -> n
     """Add set ``name`` whose every parameter is the weighted sum of the sets' parameters.
 
     The sets must wrap the same modules with the same config (``init`` aside) and shapes;
-    anything else is refused, with the reason, before the model changes. Weights must sum to
-    1. The new set is not active (``set_active(model, name)``); ``eject(model, name)`` removes
-    it again. Unlike output averaging, parameter averaging of nonlinear adapters is not the
-    mean of their outputs: it is a new adapter.
+    anything else is refused, with the reason, before the model changes. Any finite weights
+    are taken: weights that sum to 1 average the sets, others (a negative weight, a sum other
+    than 1) give task arithmetic, as PEFT's ``add_weighted_adapter`` allows. The new set is not
+    active (``set_active(model, name)``); ``eject(model, name)`` removes it again. Unlike
+    output averaging, parameter averaging is not the mean of the sets' outputs, whatever the
+    activation: even an ``"identity"`` branch ``scaling * up(down(x))`` is bilinear in ``up``
+    and ``down``, so averaging each of them does not average their product. It is a new
+    adapter.
 
     Example:
         >>> import torch, adapterkit
@@ -200,7 +205,7 @@ def average_sets(model: nn.Module, weights: Mapping[str, float], name: str) -> n
         >>> adapterkit.active(model)
         ['a', 'b']
     """
-    pairs = _weights(weights, "average_sets")
+    pairs = _weights(weights, "average_sets", sum_to_one=False)
     sets = tuple(s for s, _ in pairs)
     check_set_name(model, name)
     slots = _check_same(model, sets)

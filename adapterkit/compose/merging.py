@@ -39,6 +39,7 @@ class _Undo:
     """Everything unmerge needs: originals, the adapters, where they sat, what was active."""
 
     weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # originals, cloned
+    before: dict[str, tuple[int, int | None]]  # versions of weight and bias before the merge
     versions: dict[str, tuple[int, int | None]]  # of weight and bias right after the merge
     adapters: dict[str, Adapter]
     slots: dict[str, AdapterSlot]  # the very slot objects, put back where merge emptied them
@@ -208,6 +209,7 @@ def merge(model: nn.Module, name: str) -> Merged:
         weights={q: (o.weight.detach().clone(),
                      None if o.bias is None else o.bias.detach().clone())
                  for q, (o, _, _) in found.items()},
+        before={q: _versions(o) for q, (o, _, _) in found.items()},
         versions={},
         adapters={q: adapter for q, (_, adapter, _) in found.items()},
         slots={q: slot_of(o) for q, (o, _, _) in found.items()},  # type: ignore[misc]
@@ -226,10 +228,15 @@ def merge(model: nn.Module, name: str) -> Merged:
             elif bias is not None:
                 owner.bias.copy_(bias)
     detach(model, [name])
-    undo.versions = {q: (o.weight._version, None if o.bias is None else o.bias._version)
-                     for q, (o, _, _) in found.items()}
+    undo.versions = {q: _versions(o) for q, (o, _, _) in found.items()}
     owners = {q: o for q, (o, _, _) in found.items()}
     return Merged(name, tuple(found), tuple(added), owners, undo)
+
+
+def _versions(module: nn.Module) -> tuple[int, int | None]:
+    """The versions of a module's weight and bias, seen through exact restores (unmerge)."""
+    bias = module.bias
+    return state.version_of(module.weight), None if bias is None else state.version_of(bias)
 
 
 def _check_unmerge(model: nn.Module, merged: Merged) -> None:
@@ -245,8 +252,7 @@ def _check_unmerge(model: nn.Module, merged: Merged) -> None:
     for qname, owner in merged._owners.items():
         if modules.get(qname) is not owner:
             raise ValueError(f"cannot unmerge '{name}': '{qname}' is no longer the merged module")
-        versions = (owner.weight._version, None if owner.bias is None else owner.bias._version)
-        if versions != undo.versions[qname]:
+        if _versions(owner) != undo.versions[qname]:
             raise ValueError(
                 f"cannot unmerge '{name}': the weights of '{qname}' changed after the merge "
                 "(trained or loaded?); restoring the originals would silently drop that change"
@@ -273,6 +279,12 @@ def unmerge(model: nn.Module, merged: Merged) -> nn.Module:
                 owner.register_parameter("bias", None)
             else:
                 owner.bias.copy_(bias)
+            # the weights hold what they held before the merge, bit for bit: an older merge's
+            # record (merges stacked on the same modules) may unmerge next
+            weight_before, bias_before = undo.before[qname]
+            state.note_restored(owner.weight, weight_before)
+            if bias_before is not None:
+                state.note_restored(owner.bias, bias_before)
     # attach's own path: a slot the merge emptied goes back (the same object), then the set
     slots = {q: wrap(owner, q, undo.slots[q]) for q, owner in merged._owners.items()}
     install_set(model, name, {q: (slot, undo.adapters[q]) for q, slot in slots.items()},
