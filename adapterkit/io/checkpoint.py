@@ -23,7 +23,7 @@ from ..errors import AdapterFileError
 from ..layout import Layout, infer_layout
 from ..lifecycle import check_not_meta, materialize
 from ..select import closest_names
-from ..surgery import attach, select
+from ..surgery import attach
 from ..tree import (
     adapted_modules,
     candidates,
@@ -42,6 +42,7 @@ from .adapterfile import (
     write_atomically,
     write_on_rank_zero,
 )
+from .includes import included_modules, resolve_include
 
 # -- what a set looks like in a model ------------------------------------------------------
 
@@ -68,11 +69,6 @@ def _gathered(t: torch.Tensor) -> torch.Tensor:
     return full.detach().to("cpu").clone().contiguous()
 
 
-def included_modules(model: nn.Module, include: Sequence[str]) -> dict[str, nn.Module]:
-    """The modules a save's ``include`` selects, by name (each once)."""
-    return select(model, list(include))[0] if include else {}
-
-
 def _saved_includes(model: nn.Module, names: list[str], file: Path) -> dict[str, nn.Module]:
     modules = dict(candidates(model))
     for name in names:
@@ -86,12 +82,16 @@ def _saved_includes(model: nn.Module, names: list[str], file: Path) -> dict[str,
 
 
 def collect(
-    model: nn.Module, name: str, include: Sequence[str] = ()
+    model: nn.Module, name: str, include: Sequence[str] | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """What ``save_adapters`` writes for set ``name``: the config JSON and the tensors."""
+    """What ``save_adapters`` writes for set ``name``: the config JSON and the tensors.
+
+    ``include=None``: the modules recorded for the set, refused when the freeze spec trains
+    others (``includes.resolve_include``). Every check runs before anything is gathered.
+    """
     require_sets(model, name, "save_adapters: ")
     found = _set_slots(model, name)
-    included = included_modules(model, include)
+    included = included_modules(model, resolve_include(model, name, include))
     _check_norms(model, included)
     tensors = {
         f"adapters.{key}.{pname}": _gathered(t)
@@ -128,7 +128,7 @@ def collect(
     return meta, tensors
 
 
-def save_set(model: nn.Module, path: Path, name: str, include: Sequence[str]) -> Path:
+def save_set(model: nn.Module, path: Path, name: str, include: Sequence[str] | None) -> Path:
     """Write set ``name`` (and the modules ``include`` selects) to directory ``path``
     atomically; under ``torch.distributed``, rank 0 writes once every rank gathered."""
     meta, tensors = collect(model, name, include)

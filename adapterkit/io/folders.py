@@ -21,9 +21,14 @@ def save_adapters(
     model: nn.Module,
     path: str | os.PathLike[str],
     name: str = "default",
-    include: Sequence[str] = (),
+    include: Sequence[str] | None = None,
 ) -> Path:
     """Write adapter set ``name`` (and the modules ``include`` selects) to directory ``path``.
+
+    ``include`` names modules saved with the set, such as a head trained beside the adapters.
+    The default, None, takes the modules recorded for the set (``AdapterCheckpointCallback``
+    records its ``include``), else none, and refuses when the last freeze spec trains modules
+    the file would not hold; ``include=[]`` saves the adapters alone without asking.
 
     The directory gets ``adapter_config.json`` and ``adapter_model.safetensors``. The write
     goes to a temporary directory first and is renamed into place, so an interrupted save
@@ -33,6 +38,11 @@ def save_adapters(
     Under ``torch.distributed`` every rank must call it (sharded tensors are gathered);
     rank 0 writes, and every rank returns once the files are written. A
     ``DistributedDataParallel`` wrapper is seen through: its ``.module`` is saved.
+
+    Raises:
+        ValueError: set ``name`` is not in the model; ``include`` selects nothing; the freeze
+            spec trains modules outside the file (``include=None``); BatchNorm statistics
+            moved that the file would not hold. Nothing is written then.
 
     Example:
         >>> import tempfile, torch, adapterkit

@@ -1,0 +1,106 @@
+"""The modules saved with an adapter set (a save's ``include=``): which, and their tensors.
+
+``include=None`` (the default of ``save_adapters``) means the modules recorded for the set
+(``AdapterCheckpointCallback`` records its ``include`` at the start of training), else none;
+either way, a freeze spec that trains modules outside the file is refused, naming them, so that
+a trained head is never dropped without a word. An explicit ``include`` (``[]`` too) is the
+caller's choice and is taken as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from .. import state
+from ..freezing import select_parameters
+from ..surgery import select
+from ..tree import adapted_modules, candidates
+
+
+def as_include(include: Sequence[str] | str) -> tuple[str, ...]:
+    """One string is one entry, not a list of characters."""
+    return (include,) if isinstance(include, str) else tuple(include)
+
+
+def included_modules(model: nn.Module, include: Sequence[str]) -> dict[str, nn.Module]:
+    """The modules a save's ``include`` selects, by name (each once); an error if an entry
+    selects nothing."""
+    return select(model, list(include))[0] if include else {}
+
+
+def _own_parameters(module: nn.Module) -> set[int]:
+    """The ids of a module's parameters outside adapterkit's slots."""
+    return {id(p) for _, sub in candidates(module) for p in sub.parameters(recurse=False)}
+
+
+def _selected(model: nn.Module, entry: str) -> set[int]:
+    try:
+        return select_parameters(model, entry)
+    except ValueError:  # the model changed since the spec was applied (a set ejected)
+        return set()
+
+
+def _holders(model: nn.Module, ids: set[int]) -> list[str]:
+    """The fewest module names whose ``include`` covers ``ids``: the outermost modules all of
+    whose parameters are in ``ids``, then the owner of any parameter still left."""
+    names: list[str] = []
+    covered: set[int] = set()
+    for name, module in candidates(model):
+        own = _own_parameters(module)
+        if name and own and own <= ids and not own <= covered:
+            names.append(name)
+            covered |= own
+    for name, module in candidates(model):
+        own = {id(p) for p in module.parameters(recurse=False)}
+        if name and own & (ids - covered):
+            names.append(name)
+            covered |= own
+    return names
+
+
+def left_out(model: nn.Module, include: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The train entries of the model's freeze spec that select parameters a file with
+    ``include`` would not hold (adapters and what ``freeze`` takes back left aside), and the
+    modules that hold those parameters."""
+    spec = state.freeze_spec(model)
+    if spec is None:
+        return [], []
+    adapters = {id(p) for _, _, slot in adapted_modules(model) for p in slot.parameters()}
+    held = set().union(*map(_own_parameters, included_modules(model, include).values()))
+    frozen = set().union(*(_selected(model, e) for e in spec.freeze))
+    entries, left = [], set()
+    for entry in spec.train:
+        if entry == "adapters" or entry.startswith("adapters:"):
+            continue
+        ids = _selected(model, entry) - adapters - frozen - held
+        if ids:
+            entries.append(entry)
+            left |= ids
+    return entries, _holders(model, left)
+
+
+def resolve_include(model: nn.Module, name: str, include: Sequence[str] | str | None,
+                    who: str = "save_adapters") -> tuple[str, ...]:
+    """The modules set ``name`` is saved with: ``include`` when given, else those recorded
+    for the set (else none), refused when the freeze spec trains modules outside them.
+
+    Raises:
+        ValueError: ``include`` is None and the freeze spec trains modules the file would not
+            hold; the message names them and both fixes (``include=[...]``, ``include=[]``).
+    """
+    if include is not None:
+        return as_include(include)
+    recorded = state.includes(model).get(name, ())
+    entries, modules = left_out(model, recorded)
+    if entries:
+        also = f" (recorded for the set: include={list(recorded)!r})" if recorded else ""
+        raise ValueError(
+            f"{who}: the freeze spec trains {entries} (modules {modules}) beside the adapters, "
+            f"and the file of set {name!r} would not hold them{also}: loaded into a fresh "
+            "base, the adapters would run without what trained with them. Save them with the "
+            f"set ({who}(..., include={list(recorded) + modules!r})), or save the adapters "
+            "alone (include=[])"
+        )
+    return recorded
