@@ -42,7 +42,7 @@ from .adapterfile import (
     write_atomically,
     write_on_rank_zero,
 )
-from .includes import included_modules, resolve_include
+from .includes import included_modules, module_state, resolve_include
 
 # -- what a set looks like in a model ------------------------------------------------------
 
@@ -101,7 +101,7 @@ def collect(
     tensors |= {
         f"modules.{mname}.{pname}": _gathered(t)
         for mname, module in included.items()
-        for pname, t in module.state_dict().items()
+        for pname, t in module_state(module).items()  # its adapters are saved as sets
     }
     first_adapter = next(iter(found.values()))[1]
     spec = state.freeze_spec(model)
@@ -240,7 +240,7 @@ def _expected(
         probe = make(layout.d_model, config, device="meta")  # type: ignore[arg-type]
         shapes |= {f"adapters.{target}.{k}": v.shape for k, v in probe.state_dict().items()}
     for mname, module in _saved_includes(model, meta["include"], file).items():
-        shapes |= {f"modules.{mname}.{k}": v.shape for k, v in module.state_dict().items()}
+        shapes |= {f"modules.{mname}.{k}": v.shape for k, v in module_state(module).items()}
     return shapes
 
 
@@ -291,6 +291,6 @@ def load_set(model: nn.Module, path: Path, name: str | None = None) -> nn.Module
                 t.copy_(tensors[f"adapters.{target}.{k}"])
             adapter.__dict__[NEEDS_INIT] = False
         for mname, module in _saved_includes(model, meta["include"], file).items():
-            for k, t in module.state_dict().items():
+            for k, t in module_state(module).items():
                 t.copy_(tensors[f"modules.{mname}.{k}"])
     return model

@@ -25,10 +25,11 @@ def save_adapters(
 ) -> Path:
     """Write adapter set ``name`` (and the modules ``include`` selects) to directory ``path``.
 
-    ``include`` names modules saved with the set, such as a head trained beside the adapters.
-    The default, None, takes the modules recorded for the set (``AdapterCheckpointCallback``
-    records its ``include``), else none, and refuses when the last freeze spec trains modules
-    the file would not hold; ``include=[]`` saves the adapters alone without asking.
+    ``include`` names modules saved with the set, such as a head trained beside the adapters
+    (an included module's own adapters stay out: sets are saved as sets). The default,
+    None, takes the modules recorded for the set (``AdapterCheckpointCallback`` records its
+    ``include``), else none, and refuses when the last freeze spec trains modules the file
+    would not hold; ``include=[]`` saves the adapters alone without asking.
 
     The directory gets ``adapter_config.json`` and ``adapter_model.safetensors``. The write
     goes to a temporary directory first and is renamed into place, so an interrupted save

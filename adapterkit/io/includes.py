@@ -5,16 +5,22 @@
 either way, a freeze spec that trains modules outside the file is refused, naming them, so that
 a trained head is never dropped without a word. An explicit ``include`` (``[]`` too) is the
 caller's choice and is taken as it is.
+
+An included module that holds adapters is saved without them: a key with a path component
+``SLOT`` belongs to adapterkit's slot, whose sets are saved as sets, so that the file loads
+into a plain base and into one that already holds the set alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from .. import state
 from ..freezing import select_parameters
+from ..slot import SLOT
 from ..surgery import select
 from ..tree import adapted_modules, candidates
 
@@ -30,8 +36,13 @@ def included_modules(model: nn.Module, include: Sequence[str]) -> dict[str, nn.M
     return select(model, list(include))[0] if include else {}
 
 
+def module_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` without the tensors of adapterkit's slots inside it."""
+    return {k: t for k, t in module.state_dict().items() if SLOT not in k.split(".")}
+
+
 def _own_parameters(module: nn.Module) -> set[int]:
-    """The ids of a module's parameters outside adapterkit's slots."""
+    """The ids of a module's parameters outside adapterkit's slots (what ``module_state`` holds)."""
     return {id(p) for _, sub in candidates(module) for p in sub.parameters(recurse=False)}
 
 
