@@ -22,13 +22,9 @@ from .. import state as model_state
 from ..io import load_adapters
 from ..io.bundle import SUBDIR, is_bundle, read_index, save_bundle
 from ..io.includes import as_include, included_modules, resolve_include
-from ..tree import set_names
+from ..tree import set_names, unwrapped
 
 __all__ = ["AdapterCheckpointCallback"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _run_id(state: Any) -> str | None:
@@ -117,12 +113,12 @@ class AdapterCheckpointCallback(TrainerCallback, ExportableState):
 
     def _save(self, args: TrainingArguments, model: nn.Module, directory: Path) -> None:
         if args.should_save:  # the process that writes Trainer's own files, and only it
-            save_bundle(_unwrap(model), directory)  # with the includes train begin recorded
+            save_bundle(unwrapped(model), directory)  # with the includes train begin recorded
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, model: nn.Module | None = None,
                        **kwargs: Any) -> None:
-        model = _unwrap(model)  # type: ignore[arg-type]
+        model = unwrapped(model)  # type: ignore[arg-type]
         held = set_names(model)
         if self.name not in held:
             raise ValueError(

@@ -177,9 +177,37 @@ def _check_unsharded(model: nn.Module, path: Path) -> None:
         )
 
 
+_COMPILED_CLASS, _COMPILED_PREFIX = "OptimizedModule", "_orig_mod."
+
+
+def _through_compile(meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """A file that adapterkit before issue 20 saved from ``torch.compile``'s wrapper records
+    the wrapper's class and every name under its ``_orig_mod.``: read it as the file of the
+    model inside, whose class it never recorded (the shapes are still checked)."""
+    if meta["base"].get("class") != _COMPILED_CLASS:
+        return meta, tensors
+
+    def strip(name: str) -> str:
+        while name.startswith(_COMPILED_PREFIX):
+            name = name.removeprefix(_COMPILED_PREFIX)
+        return name
+
+    def key(k: str) -> str:  # adapters.<target>.<param>, modules.<module>.<key>
+        head, _, rest = k.partition(".")
+        return f"{head}.{strip(rest)}"
+
+    layouts = meta["layouts"]
+    base = {**meta["base"], "class": None,
+            "modules": {strip(t): v for t, v in meta["base"].get("modules", {}).items()}}
+    meta = {**meta, "targets": [strip(t) for t in meta["targets"]], "base": base,
+            "include": [strip(m) for m in meta["include"]],
+            "layouts": None if layouts is None else {strip(t): v for t, v in layouts.items()}}
+    return meta, {key(k): t for k, t in tensors.items()}
+
+
 def _check_base(model: nn.Module, meta: dict, file: Path) -> dict[str, nn.Module]:
     saved_class = meta["base"].get("class")
-    if saved_class != original_class(model).__name__:
+    if saved_class is not None and saved_class != original_class(model).__name__:
         raise AdapterFileError(
             f"{file} was saved from a {saved_class}, but this model is a "
             f"{original_class(model).__name__}; load it into the base it was trained on"
@@ -256,8 +284,7 @@ def _fusion_layout(slot: Any, config: FusionConfig, target: str, file: Path) -> 
 
 def load_set(model: nn.Module, path: Path, name: str | None = None) -> nn.Module:
     """Load the set in adapterkit's folder ``path`` (see ``load_adapters``)."""
-    meta = read_adapter_config(path)
-    tensors = read_tensors(path)
+    meta, tensors = _through_compile(read_adapter_config(path), read_tensors(path))
     name = meta["name"] if name is None else name
     file = path / WEIGHTS_FILE
     if not isinstance(meta["config"], FusionConfig):  # a fusion sits on its sets' slots
