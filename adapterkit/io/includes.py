@@ -54,8 +54,8 @@ def _selected(model: nn.Module, entry: str) -> set[int]:
 
 
 def _holders(model: nn.Module, ids: set[int]) -> list[str]:
-    """The fewest module names whose ``include`` covers ``ids``: the outermost modules all of
-    whose parameters are in ``ids``, then the owner of any parameter still left."""
+    """Module names whose ``include`` covers ``ids``: the outermost modules all of whose
+    parameters are in ``ids``, then the owner of any parameter still left."""
     names: list[str] = []
     covered: set[int] = set()
     for name, module in candidates(model):
@@ -71,25 +71,42 @@ def _holders(model: nn.Module, ids: set[int]) -> list[str]:
     return names
 
 
+def _include_for(model: nn.Module, left: dict[str, set[int]]) -> list[str]:
+    """What ``include`` would hold the parameters each entry leaves out: the modules the entry
+    names when it names modules that hold them (``"lm_head"``, though its weight is tied to
+    the embedding), else ``_holders`` (``"cls.bias"`` -> ``cls``); each once, outermost only,
+    in model order."""
+    names: list[str] = []
+    for entry, ids in left.items():
+        try:
+            chosen = included_modules(model, [entry])
+        except ValueError:  # a parameter name, or a selector of parameters only
+            chosen = {}
+        own = set().union(*map(_own_parameters, chosen.values()))
+        names += list(chosen) if chosen and ids <= own else _holders(model, ids)
+    order = {name: i for i, (name, _) in enumerate(candidates(model))}
+    unique = sorted(set(names), key=lambda n: order.get(n, len(order)))
+    return [n for n in unique if not any(n.startswith(o + ".") for o in unique)]
+
+
 def left_out(model: nn.Module, include: Sequence[str]) -> tuple[list[str], list[str]]:
     """The train entries of the model's freeze spec that select parameters a file with
     ``include`` would not hold (adapters and what ``freeze`` takes back left aside), and the
-    modules that hold those parameters."""
+    modules an ``include`` would name to hold them."""
     spec = state.freeze_spec(model)
     if spec is None:
         return [], []
     adapters = {id(p) for _, _, slot in adapted_modules(model) for p in slot.parameters()}
     held = set().union(*map(_own_parameters, included_modules(model, include).values()))
     frozen = set().union(*(_selected(model, e) for e in spec.freeze))
-    entries, left = [], set()
+    left: dict[str, set[int]] = {}
     for entry in spec.train:
         if entry == "adapters" or entry.startswith("adapters:"):
             continue
         ids = _selected(model, entry) - adapters - frozen - held
         if ids:
-            entries.append(entry)
-            left |= ids
-    return entries, _holders(model, left)
+            left[entry] = ids
+    return list(left), _include_for(model, left)
 
 
 def resolve_include(model: nn.Module, name: str, include: Sequence[str] | str | None,

@@ -32,7 +32,7 @@ CASES = [
     (["adapters", "head.bias"], [], ["head"]),  # a parameter: its module is what include takes
     (["adapters", "body"], [], ["body"]),  # the adapters inside body are the set's own
     (["adapters", "re:body\\.0", "inp"], [], ["inp", "body.0"]),  # in model order
-    (["adapters", "re:body\\.[02]"], [], ["body"]),  # every parameter of body: one name
+    (["adapters", "re:body\\.[02]"], [], ["body.0", "body.2"]),  # the modules it names
     (["adapters", "head"], ["head"], None),  # frozen again: nothing trained outside
     (["adapters:default"], [], None),
     (["adapters"], ["adapters"], None),
@@ -85,3 +85,30 @@ def test_a_spec_whose_entries_select_nothing_any_more_is_no_reason_to_refuse(tmp
     adapterkit.freeze(model, train=["adapters", "adapters:b"], freeze=["adapters:b"])
     adapterkit.eject(model, "b")  # 'adapters:b' selects nothing now
     adapterkit.save_adapters(model, tmp_path / "a")
+
+
+class Tied(torch.nn.Module):
+    """An output layer whose weight is the embedding's (as GPT-2's lm_head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(10, 8)
+        self.body = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Linear(8, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(self.emb(x)))
+
+
+def test_the_refusal_names_the_module_the_spec_named_when_its_weight_is_tied(tmp_path):
+    model = adapterkit.inject(Tied().eval(), ["body"], TRAINED)
+    adapterkit.freeze(model, train=["adapters", "out"])
+    with pytest.raises(ValueError, match=r"trains \['out'\] \(modules \['out'\]\)"):
+        adapterkit.save_adapters(model, tmp_path / "a")
+    with torch.no_grad():
+        model.out.weight.mul_(2.0)  # trained: the embedding moves with it
+    path = adapterkit.save_adapters(model, tmp_path / "a", include=["out"])
+    x = torch.randint(0, 10, (3, 4))
+    assert torch.equal(adapterkit.load_adapters(Tied().eval(), path)(x), model(x))
