@@ -3,8 +3,9 @@
 Only this module reads or writes it; every other module asks through the functions below.
 
 - ``ModelState``: the active list (set names and compositions, in the order they run), the
-  last freeze spec applied, and the route of an ``adapterkit.routed()`` block. One object is
-  shared by every slot of a model, so a slot reads it at each forward without a walk.
+  last freeze spec applied, the modules each set is saved with (``includes``), and the route
+  of an ``adapterkit.routed()`` block. One object is shared by every slot of a model, so a
+  slot reads it at each forward without a walk.
 - The module an FX-mode ``GraphModule`` was traced from (``graph_base``).
 - The BatchNorm step counters at the first injection (``norms_updated``).
 - The fast-path settings of torch layers turned off while adapters sit inside them.
@@ -15,8 +16,8 @@ Only this module reads or writes it; every other module asks through the functio
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from torch import fx, nn
 
 from .config import FreezeSpec
 from .slot import AdapterSlot
-from .tree import adapted_modules, candidates
+from .tree import adapted_modules, candidates, set_names
 
 
 @dataclass(eq=False)
@@ -34,6 +35,9 @@ class ModelState:
     active: tuple[Any, ...] = ()  # set names and compositions (average(...)), in run order
     freeze_spec: FreezeSpec | None = None  # the last spec applied, saved with the sets
     route: Any = None  # inside adapterkit.routed(): a compose.routing.Route
+    # {set: the include= it is saved with}, as AdapterCheckpointCallback records it at the start
+    # of training, so that save_pretrained's bundle and save_adapters save the set the same way
+    includes: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _states(model: nn.Module) -> list[ModelState]:
@@ -75,6 +79,19 @@ def freeze_spec(model: nn.Module) -> FreezeSpec | None:
 def set_freeze_spec(model: nn.Module, spec: FreezeSpec) -> None:
     for shared in _states(model):
         shared.freeze_spec = spec
+
+
+def includes(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """``{set: the modules it is saved with}`` for the sets that have them recorded."""
+    states = _states(model)
+    return dict(states[0].includes) if states else {}
+
+
+def set_includes(model: nn.Module, name: str, include: Sequence[str]) -> None:
+    """Record that set ``name`` is saved with the modules ``include`` selects (a save's
+    ``include=``); kept while the model holds the set."""
+    for shared in _states(model):
+        shared.includes[name] = tuple(include)
 
 
 def route(model: nn.Module) -> Any:
@@ -215,5 +232,8 @@ def sync(model: nn.Module) -> None:
     """
     if not adapted_modules(model):
         model.__dict__.pop(_NORM_COUNTS, None)
+    held = set(set_names(model))
+    for shared in _states(model):  # an ejected set's include is not a new set's of its name
+        shared.includes = {n: inc for n, inc in shared.includes.items() if n in held}
     for fn in _SYNCS:
         fn(model)

@@ -2,8 +2,9 @@
 
 A wrapped module's class is swapped for ``adapted_class(its class)``: a subclass of the same
 name whose ``forward`` runs the original ``forward``, then the module's ``AdapterSlot`` (its
-child ``SLOT``). ``original_class`` sees through that swap (and torch.distributed's), and the
-walks below list the slots, the modules selection may choose from, and the set names.
+child ``SLOT``). ``original_class`` sees through that swap (and torch.distributed's),
+``unwrapped`` through the wrappers around a whole model (torch.compile's, DDP), and the walks
+below list the slots, the modules selection may choose from, and the set names.
 """
 
 from __future__ import annotations
@@ -103,6 +104,37 @@ def original_class(module: nn.Module) -> type[nn.Module]:
     while is_distributed_wrapper(cls):
         cls = cls.__bases__[-1]
     return cls._adapterkit_base if issubclass(cls, _Adapted) else cls  # type: ignore[attr-defined]
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is ``torch.compile``'s wrapper (never imports torch._dynamo)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    cls = getattr(eval_frame, "OptimizedModule", None)
+    return cls is not None and isinstance(module, cls)
+
+
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model``, then the model inside each ``torch.compile`` ``OptimizedModule`` and
+    ``DistributedDataParallel`` wrapper in turn (however nested): outermost first."""
+    chain = [model]
+    while True:
+        if isinstance(chain[-1], nn.parallel.DistributedDataParallel):
+            chain.append(chain[-1].module)
+        elif _is_compiled(chain[-1]):
+            chain.append(chain[-1]._orig_mod)
+        else:
+            return chain
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and DDP's wrappers: the one a file records.
+
+    >>> import torch
+    >>> inner = torch.nn.Linear(2, 2)
+    >>> unwrapped(torch.compile(inner)) is inner
+    True
+    """
+    return wrapper_chain(model)[-1]
 
 
 def slot_of(module: nn.Module) -> AdapterSlot | None:

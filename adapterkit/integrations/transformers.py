@@ -18,16 +18,13 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from .. import state as model_state
 from ..io import load_adapters
 from ..io.bundle import SUBDIR, is_bundle, read_index, save_bundle
-from ..io.checkpoint import included_modules
-from ..tree import set_names
+from ..io.includes import as_include, included_modules, resolve_include
+from ..tree import set_names, unwrapped
 
 __all__ = ["AdapterCheckpointCallback"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _run_id(state: Any) -> str | None:
@@ -60,8 +57,17 @@ class AdapterCheckpointCallback(TrainerCallback, ExportableState):
     At each checkpoint every adapter set goes to ``<output_dir>/checkpoint-<step>/adapterkit/``
     and, when training ends, to ``<output_dir>/adapterkit/`` (with ``save_adapters``; the
     layout is in ``docs/format.md``). The modules that ``include`` selects, such as a
-    classifier trained beside the adapters, are saved with set ``name``. Either folder loads
-    back with ``adapterkit.load_adapters(model, folder_above_adapterkit)``.
+    classifier trained beside the adapters, are saved with set ``name``; the default, None,
+    takes the modules recorded for the set (else none), and ``include=[]`` saves the adapters
+    alone. Either folder loads back with
+    ``adapterkit.load_adapters(model, folder_above_adapterkit)``.
+
+    At the start of training the set's ``include`` is checked and recorded on the model:
+    with ``include=None``, a freeze spec that trains modules outside it (``train=["adapters",
+    "classifier"]``) is an error there, naming the modules and both fixes; once recorded,
+    ``model.save_pretrained`` (``trainer.save_model()``) and ``save_adapters`` without
+    ``include`` save the set with the same modules, so the usual last line does not undo
+    the callback's end-of-training folder.
 
     When ``trainer.train(resume_from_checkpoint=...)`` resumes from one of this run's
     checkpoints in ``output_dir`` (recognised by a run id the Trainer keeps in
@@ -93,25 +99,26 @@ class AdapterCheckpointCallback(TrainerCallback, ExportableState):
         ['default', 'sets.json']
     """
 
-    def __init__(self, name: str = "default", include: Sequence[str] = ()) -> None:
+    def __init__(self, name: str = "default", include: Sequence[str] | None = None) -> None:
         self.name = name
-        self.include = (include,) if isinstance(include, str) else tuple(include)
+        self.include = None if include is None else as_include(include)
         # saved in every checkpoint's trainer_state.json, to recognise this run's checkpoints
         self.run_id = uuid.uuid4().hex
 
     def state(self) -> dict[str, Any]:
         """What the Trainer stores in ``trainer_state.json`` (``ExportableState``)."""
-        return {"args": {"name": self.name, "include": list(self.include)},
+        include = None if self.include is None else list(self.include)
+        return {"args": {"name": self.name, "include": include},
                 "attributes": {"run_id": self.run_id}}
 
     def _save(self, args: TrainingArguments, model: nn.Module, directory: Path) -> None:
         if args.should_save:  # the process that writes Trainer's own files, and only it
-            save_bundle(_unwrap(model), directory, {self.name: self.include})
+            save_bundle(unwrapped(model), directory)  # with the includes train begin recorded
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, model: nn.Module | None = None,
                        **kwargs: Any) -> None:
-        model = _unwrap(model)  # type: ignore[arg-type]
+        model = unwrapped(model)  # type: ignore[arg-type]
         held = set_names(model)
         if self.name not in held:
             raise ValueError(
@@ -119,8 +126,10 @@ class AdapterCheckpointCallback(TrainerCallback, ExportableState):
                 f"{held}: inject (or load_adapters) before creating the Trainer, so that "
                 "the optimizer gets the adapters"
             )
-        # a name that selects nothing fails now, not at a save
-        included_modules(model, self.include)
+        # a name that selects nothing, or a trained module the saves would drop, fails now,
+        # not at a save
+        include = resolve_include(model, self.name, self.include, "AdapterCheckpointCallback")
+        included_modules(model, include)
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.global_step > 0 and is_bundle(checkpoint) and _resumed_from(checkpoint, state):
             missing = [s for s in read_index(checkpoint / SUBDIR)["sets"] if s not in held]
@@ -131,6 +140,7 @@ class AdapterCheckpointCallback(TrainerCallback, ExportableState):
                 )
             load_adapters(model, checkpoint)
             self.run_id = _run_id(state)  # later checkpoints belong to the same run
+        model_state.set_includes(model, self.name, include)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 model: nn.Module | None = None, **kwargs: Any) -> None:

@@ -1,6 +1,7 @@
 """File formats: adapterkit's own adapter folder (``adapterfile``: the files; ``checkpoint``: one
-set in a model), every set of a model beside its ``save_pretrained`` files (``bundle``), and the
-public ``save_adapters`` / ``load_adapters`` that recognise a folder (``folders``).
+set in a model; ``includes``: the modules saved with a set), every set of a model beside its
+``save_pretrained`` files (``bundle``), and the public ``save_adapters`` / ``load_adapters``
+that recognise a folder (``folders``).
 """
 
 from .folders import load_adapters, save_adapters

@@ -72,13 +72,16 @@ def save_bundle(model: nn.Module, directory: str | os.PathLike[str],
     """Write every set of ``model`` under ``directory/adapterkit/``; returns that folder.
 
     ``include`` maps a set name to modules saved with that set (``save_adapters``'
-    ``include``). A set folder there that the model no longer holds is removed, so that
-    loading the folder gives back exactly the sets the model had.
+    ``include``); by default, the modules recorded for each set (``AdapterCheckpointCallback``
+    records its ``include``), so that ``save_pretrained`` after training writes what the
+    callback wrote. A set with none recorded is saved alone: ``save_pretrained``'s own
+    ``model.safetensors`` holds every module. A set folder there that the model no longer
+    holds is removed, so that loading the folder gives back exactly the sets the model had.
     """
     check_saveable(model)
     root = Path(directory) / SUBDIR
     names = set_names(model)
-    include = include or {}
+    include = state.includes(model) if include is None else include
     root.mkdir(parents=True, exist_ok=True)
     for name in names:
         write_atomically(root / name, *collect(model, name, include.get(name, ())))

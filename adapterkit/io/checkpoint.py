@@ -23,7 +23,7 @@ from ..errors import AdapterFileError
 from ..layout import Layout, infer_layout
 from ..lifecycle import check_not_meta, materialize
 from ..select import closest_names
-from ..surgery import attach, select
+from ..surgery import attach
 from ..tree import (
     adapted_modules,
     candidates,
@@ -42,6 +42,7 @@ from .adapterfile import (
     write_atomically,
     write_on_rank_zero,
 )
+from .includes import included_modules, module_state, resolve_include
 
 # -- what a set looks like in a model ------------------------------------------------------
 
@@ -68,11 +69,6 @@ def _gathered(t: torch.Tensor) -> torch.Tensor:
     return full.detach().to("cpu").clone().contiguous()
 
 
-def included_modules(model: nn.Module, include: Sequence[str]) -> dict[str, nn.Module]:
-    """The modules a save's ``include`` selects, by name (each once)."""
-    return select(model, list(include))[0] if include else {}
-
-
 def _saved_includes(model: nn.Module, names: list[str], file: Path) -> dict[str, nn.Module]:
     modules = dict(candidates(model))
     for name in names:
@@ -86,12 +82,16 @@ def _saved_includes(model: nn.Module, names: list[str], file: Path) -> dict[str,
 
 
 def collect(
-    model: nn.Module, name: str, include: Sequence[str] = ()
+    model: nn.Module, name: str, include: Sequence[str] | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """What ``save_adapters`` writes for set ``name``: the config JSON and the tensors."""
+    """What ``save_adapters`` writes for set ``name``: the config JSON and the tensors.
+
+    ``include=None``: the modules recorded for the set, refused when the freeze spec trains
+    others (``includes.resolve_include``). Every check runs before anything is gathered.
+    """
     require_sets(model, name, "save_adapters: ")
     found = _set_slots(model, name)
-    included = included_modules(model, include)
+    included = included_modules(model, resolve_include(model, name, include))
     _check_norms(model, included)
     tensors = {
         f"adapters.{key}.{pname}": _gathered(t)
@@ -101,7 +101,7 @@ def collect(
     tensors |= {
         f"modules.{mname}.{pname}": _gathered(t)
         for mname, module in included.items()
-        for pname, t in module.state_dict().items()
+        for pname, t in module_state(module).items()  # its adapters are saved as sets
     }
     first_adapter = next(iter(found.values()))[1]
     spec = state.freeze_spec(model)
@@ -128,7 +128,7 @@ def collect(
     return meta, tensors
 
 
-def save_set(model: nn.Module, path: Path, name: str, include: Sequence[str]) -> Path:
+def save_set(model: nn.Module, path: Path, name: str, include: Sequence[str] | None) -> Path:
     """Write set ``name`` (and the modules ``include`` selects) to directory ``path``
     atomically; under ``torch.distributed``, rank 0 writes once every rank gathered."""
     meta, tensors = collect(model, name, include)
@@ -177,9 +177,37 @@ def _check_unsharded(model: nn.Module, path: Path) -> None:
         )
 
 
+_COMPILED_CLASS, _COMPILED_PREFIX = "OptimizedModule", "_orig_mod."
+
+
+def _through_compile(meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """A file that adapterkit before issue 20 saved from ``torch.compile``'s wrapper records
+    the wrapper's class and every name under its ``_orig_mod.``: read it as the file of the
+    model inside, whose class it never recorded (the shapes are still checked)."""
+    if meta["base"].get("class") != _COMPILED_CLASS:
+        return meta, tensors
+
+    def strip(name: str) -> str:
+        while name.startswith(_COMPILED_PREFIX):
+            name = name.removeprefix(_COMPILED_PREFIX)
+        return name
+
+    def key(k: str) -> str:  # adapters.<target>.<param>, modules.<module>.<key>
+        head, _, rest = k.partition(".")
+        return f"{head}.{strip(rest)}"
+
+    layouts = meta["layouts"]
+    base = {**meta["base"], "class": None,
+            "modules": {strip(t): v for t, v in meta["base"].get("modules", {}).items()}}
+    meta = {**meta, "targets": [strip(t) for t in meta["targets"]], "base": base,
+            "include": [strip(m) for m in meta["include"]],
+            "layouts": None if layouts is None else {strip(t): v for t, v in layouts.items()}}
+    return meta, {key(k): t for k, t in tensors.items()}
+
+
 def _check_base(model: nn.Module, meta: dict, file: Path) -> dict[str, nn.Module]:
     saved_class = meta["base"].get("class")
-    if saved_class != original_class(model).__name__:
+    if saved_class is not None and saved_class != original_class(model).__name__:
         raise AdapterFileError(
             f"{file} was saved from a {saved_class}, but this model is a "
             f"{original_class(model).__name__}; load it into the base it was trained on"
@@ -240,7 +268,7 @@ def _expected(
         probe = make(layout.d_model, config, device="meta")  # type: ignore[arg-type]
         shapes |= {f"adapters.{target}.{k}": v.shape for k, v in probe.state_dict().items()}
     for mname, module in _saved_includes(model, meta["include"], file).items():
-        shapes |= {f"modules.{mname}.{k}": v.shape for k, v in module.state_dict().items()}
+        shapes |= {f"modules.{mname}.{k}": v.shape for k, v in module_state(module).items()}
     return shapes
 
 
@@ -256,8 +284,7 @@ def _fusion_layout(slot: Any, config: FusionConfig, target: str, file: Path) -> 
 
 def load_set(model: nn.Module, path: Path, name: str | None = None) -> nn.Module:
     """Load the set in adapterkit's folder ``path`` (see ``load_adapters``)."""
-    meta = read_adapter_config(path)
-    tensors = read_tensors(path)
+    meta, tensors = _through_compile(read_adapter_config(path), read_tensors(path))
     name = meta["name"] if name is None else name
     file = path / WEIGHTS_FILE
     if not isinstance(meta["config"], FusionConfig):  # a fusion sits on its sets' slots
@@ -291,6 +318,6 @@ def load_set(model: nn.Module, path: Path, name: str | None = None) -> nn.Module
                 t.copy_(tensors[f"adapters.{target}.{k}"])
             adapter.__dict__[NEEDS_INIT] = False
         for mname, module in _saved_includes(model, meta["include"], file).items():
-            for k, t in module.state_dict().items():
+            for k, t in module_state(module).items():
                 t.copy_(tensors[f"modules.{mname}.{k}"])
     return model

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapterfile import CONFIG_FILE
-from .bundle import is_bundle, load_bundle
+from ..tree import set_names, unwrapped, wrapper_chain
+from .adapterfile import CONFIG_FILE, read_adapter_config
+from .bundle import SUBDIR, is_bundle, load_bundle, read_index
 from .checkpoint import load_set, save_set
 
 
@@ -21,9 +22,15 @@ def save_adapters(
     model: nn.Module,
     path: str | os.PathLike[str],
     name: str = "default",
-    include: Sequence[str] = (),
+    include: Sequence[str] | None = None,
 ) -> Path:
     """Write adapter set ``name`` (and the modules ``include`` selects) to directory ``path``.
+
+    ``include`` names modules saved with the set, such as a head trained beside the adapters
+    (an included module's own adapters stay out: sets are saved as sets). The default,
+    None, takes the modules recorded for the set (``AdapterCheckpointCallback`` records its
+    ``include``), else none, and refuses when the last freeze spec trains modules the file
+    would not hold; ``include=[]`` saves the adapters alone without asking.
 
     The directory gets ``adapter_config.json`` and ``adapter_model.safetensors``. The write
     goes to a temporary directory first and is renamed into place, so an interrupted save
@@ -32,7 +39,13 @@ def save_adapters(
 
     Under ``torch.distributed`` every rank must call it (sharded tensors are gathered);
     rank 0 writes, and every rank returns once the files are written. A
-    ``DistributedDataParallel`` wrapper is seen through: its ``.module`` is saved.
+    ``DistributedDataParallel`` wrapper and ``torch.compile``'s are seen through: the file is
+    the one the model inside gives, and loads into the model or a compiled one alike.
+
+    Raises:
+        ValueError: set ``name`` is not in the model; ``include`` selects nothing; the freeze
+            spec trains modules outside the file (``include=None``); BatchNorm statistics
+            moved that the file would not hold. Nothing is written then.
 
     Example:
         >>> import tempfile, torch, adapterkit
@@ -42,9 +55,8 @@ def save_adapters(
         >>> sorted(p.name for p in out.iterdir())
         ['adapter_config.json', 'adapter_model.safetensors']
     """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module  # so that names and base class are those of the model itself
-    return save_set(model, Path(path), name, include)
+    # names and base class are those of the model itself, not of a wrapper around it
+    return save_set(unwrapped(model), Path(path), name, include)
 
 
 def load_adapters(
@@ -53,9 +65,11 @@ def load_adapters(
     """Load a saved adapter set into ``model``, injecting it first if it is not there.
 
     ``name`` renames the set (default: the saved name). Weights are cast to the dtype and
-    device of the adapters they load into. Every check (format, config, base fingerprint,
-    keys, shapes) runs before the model changes; on any error the model is as it was.
-    Under ``torch.distributed``, load into the unsharded model, then wrap it. A fusion set
+    device of the adapters they load into. A model under ``torch.compile`` gets the set in
+    the model inside, and is returned as given. Every check (format, config, base
+    fingerprint, keys, shapes) runs before the model changes; on any error the model is as it
+    was. Under ``torch.distributed``, load into the unsharded model, then wrap it (into a
+    ``DistributedDataParallel`` wrapper, only sets it already holds load). A fusion set
     (``fuse``) loads onto the slots of its fused sets, which must be in the model already.
 
     Example:
@@ -73,7 +87,31 @@ def load_adapters(
         >>> bool(torch.equal(fresh(x), model(x)))
         True
     """
-    path = Path(path)
-    if not (path / CONFIG_FILE).exists() and is_bundle(path):
-        return load_bundle(model, path, name)  # a folder written by save_pretrained
-    return load_set(model, path, name)
+    path, chain = Path(path), wrapper_chain(model)
+    inner, bundle = chain[-1], not (path / CONFIG_FILE).exists() and is_bundle(path)
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in chain):
+        _check_no_new_set(inner, path, name, bundle)
+    if bundle:
+        load_bundle(inner, path, name)  # a folder written by save_pretrained
+    else:
+        load_set(inner, path, name)
+    return model
+
+
+def _check_no_new_set(model: nn.Module, path: Path, name: str | None, bundle: bool) -> None:
+    """DDP's reducer knows the parameters it was built with: a set injected into the model
+    inside it would train on each rank apart, its gradients never averaged."""
+    if bundle:
+        saved = read_index(path / SUBDIR)["sets"]
+        names = [name] if name is not None and len(saved) == 1 else saved
+    else:
+        names = [read_adapter_config(path)["name"] if name is None else name]
+    new = [n for n in names if n not in set_names(model)]
+    if new:
+        raise ValueError(
+            f"cannot load {path} into a model that DistributedDataParallel already wraps: set(s) "
+            f"{new} would be injected outside its gradient reducer, and their gradients never "
+            "averaged across ranks. Load into the model first, then wrap it "
+            "(DistributedDataParallel(load_adapters(model, path))), or inject the set(s) "
+            "before wrapping and load into them"
+        )
