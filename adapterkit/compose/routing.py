@@ -7,29 +7,23 @@ input, which parallel adapters read), applies that tuple with the slot's own per
 and writes the rows back. The base model runs once on the whole batch; each group's adapters run
 once on the group's rows, so the cost grows with the number of distinct tuples, not the batch.
 
-The batch axis is never guessed from a row count. Which axis is the batch:
+The batch axis is never guessed from a row count. It is ``batch_dim`` (default 0, the layout of
+``torch.nn`` layers and transformers' models) for the model's input (its forward's first tensor,
+positional then keyword arguments) and for every module that declares nothing; a module that
+declares ``batch_first`` (``nn.MultiheadAttention``, the RNNs), or holds layers that do and
+agree, or sits inside one of torch's transformer layers, has it on axis 0 if ``batch_first``
+else 1 (its output must then be 3-D); so does a model that is itself such a layer.
 
-- of the model's input (its forward's first tensor, among the positional then the keyword
-  arguments): ``batch_dim`` (default 0); a model that is itself one of torch's layers that
-  declare ``batch_first`` (``nn.MultiheadAttention``, the RNNs, torch's transformer layers)
-  keeps its own;
-- at a module that declares ``batch_first``, or holds layers that do and agree, or sits inside
-  one of torch's transformer layers whose attention does: axis 0 if ``batch_first`` else axis 1
-  (its output must then be batched, 3-D);
-- at any other module: ``batch_dim`` (default 0, the convention of ``torch.nn`` layers and of
-  transformers' models).
-
-The rows are read at the model's forward, before anything runs: its input must have one row
-per name on its batch axis, or ``k`` rows per name when the forward is called from
-transformers' ``generate()``, which expands a batch for beam search and
-``num_return_sequences`` with ``repeat_interleave`` (row ``j`` then runs ``names[j // k]``).
-Every wrapped module must then see exactly that many rows on its batch axis; any other count (a
-``(batch * seq)`` flattening, the tokens a mixture of experts' gate sends to one expert) is
-refused: those rows cannot be matched to examples (a count can match by chance: an expert
-that gets one token per example, a sequence as long as the batch; hence the docs' advice to
-never target inside experts and to pass ``batch_dim`` to a sequence-first model). A module
-called outside the model's forward (a submodule called directly, a recompute under gradient
-checkpointing) must see one row per name.
+The rows are counted at the model's forward, before anything in it runs: one row per name, or
+``k`` per name only when the forward is called from transformers' ``generate()``, which expands
+each prompt to ``k`` consecutive rows for beam search and ``num_return_sequences`` (row ``j``
+runs ``names[j // k]``). Every wrapped module must then see exactly that many rows on its batch
+axis (one per name when called outside the model's forward: a submodule called directly, a
+recompute under checkpointing); any other count (a ``(batch * seq)`` flattening, the tokens a
+mixture of experts' gate sends to one expert) is refused, since those rows cannot be matched to
+examples. A count can match by chance (an expert that gets one token per example, a sequence
+as long as the batch): hence the docs' advice never to target inside experts, and to pass
+``batch_dim=1`` to a sequence-first model.
 """
 
 from __future__ import annotations
@@ -298,7 +292,7 @@ def _batch_error(model: nn.Module, x: torch.Tensor, axis: int, names: int, n: in
     if others and flag is None:
         fix = (f"if axis {others[0]} is the batch (a sequence-first input), pass "
                f"routed(model, names, batch_dim={others[0]})")
-    elif n and n % names == 0:
+    elif n and n % names == 0 and flag is None:
         fix = (f"{n // names} rows per name are read as one example's rows only inside "
                "transformers' generate() (beam search, num_return_sequences); elsewhere pass "
                "one name per row")
