@@ -20,6 +20,11 @@ A fusion is a set like any other: ``freeze(train=["adapters:f"])`` trains its pa
 ``set_active`` / ``disabled`` switch it, ``save_adapters`` / ``load_adapters`` keep it (the fused
 sets must be in the model it loads into), ``eject`` removes it. A set that a fusion uses cannot
 be ejected while the fusion is there.
+
+The fused sets must wrap the same modules, and the fusion sits at every one of them. While a
+fusion is active its sets run only inside it, so at a module that held some of them and no
+fusion, none would run: ``fuse``, and ``load_adapters`` of a fusion file, refuse that (both go
+through ``add_fusion``), naming the modules.
 """
 
 from __future__ import annotations
@@ -93,7 +98,8 @@ class AdapterFusion(nn.Module):
     # -- the composition protocol of AdapterSlot (slot.Composition) ---------------------------
 
     def present(self, slot: Any) -> bool:
-        return True  # a fusion runs wherever it sits: add_fusion puts it only where its sets are
+        # a fusion runs wherever it sits: add_fusion puts it at every module its sets wrap
+        return True
 
     def output_key(self, slot: Any) -> Any:
         return self.config.output_key
@@ -138,8 +144,15 @@ def fusion_layout(slot: Any, config: FusionConfig, where: str) -> tuple[int, int
 
 
 def add_fusion(model: nn.Module, name: str, config: FusionConfig, keys: Sequence[str]) -> None:
-    """Put a new fusion ``name`` at the slots ``keys``; all checks first, then the change."""
+    """Put a new fusion ``name`` at the slots ``keys``; all checks first, then the change.
+
+    Raises:
+        ValueError: a module outside ``keys`` holds some of the fused sets (there, while the
+            fusion is active, none of them would run); a slot in ``keys`` that lacks one of
+            them, or whose sets adapt different outputs.
+    """
     slots = {key: slot for key, _, slot in adapted_modules(model)}
+    _check_covered(slots, name, config.sets, set(keys))
     new = {}
     for key in keys:
         slot = slots[key]
@@ -151,6 +164,31 @@ def add_fusion(model: nn.Module, name: str, config: FusionConfig, keys: Sequence
                 activate=False)
 
 
+def _check_covered(slots: dict[str, Any], name: str, sets: tuple[str, ...],
+                   keys: set[str]) -> None:
+    """Refuse a fusion that would leave out a module its sets wrap."""
+    left: dict[tuple[str, ...], list[str]] = {}
+    for key, slot in slots.items():
+        held = tuple(s for s in sets if s in slot)
+        if held and key not in keys:
+            left.setdefault(held, []).append(key)
+    if not left:
+        return
+    parts = []
+    for held, where in left.items():
+        shown = ", ".join(f"'{k}'" for k in where[:3]) + (
+            f" and {len(where) - 3} more" if len(where) > 3 else "")
+        parts.append(f"{shown} hold only {list(held)}" if len(held) < len(sets) else
+                     f"{shown} hold all of them, but the fusion has no weights there")
+    raise ValueError(
+        f"fusion '{name}' of {list(sets)} would not sit at every module its sets wrap: "
+        f"{'; '.join(parts)}. While '{name}' is active its sets run only inside it, so there "
+        "they would silently not run. A fusion needs its sets on the same modules: fuse sets "
+        "injected on the same targets (load a fusion file into a model holding the sets it "
+        "was made with), or combine these with average({...}), which adds each set where it is"
+    )
+
+
 def fuse(
     model: nn.Module, sets: Sequence[str], name: str = "fusion", *, dropout: float = 0.0
 ) -> nn.Module:
@@ -160,7 +198,7 @@ def fuse(
     ``set_active(model, name)``; train it alone with ``freeze(model, train=["adapters:NAME"])``
     (the fused sets stay frozen). Refused, before the model changes: fewer than two sets, an
     unknown set, a set that is itself a fusion, sets that adapt different outputs, no module
-    that all the sets wrap.
+    that all the sets wrap, sets that do not wrap the same modules.
 
     Example:
         >>> import torch, adapterkit

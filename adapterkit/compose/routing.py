@@ -7,22 +7,29 @@ input, which parallel adapters read), applies that tuple with the slot's own per
 and writes the rows back. The base model runs once on the whole batch; each group's adapters run
 once on the group's rows, so the cost grows with the number of distinct tuples, not the batch.
 
-Which axis is the batch, at each module:
+The batch axis is never guessed from a row count. It is ``batch_dim`` (default 0, the layout of
+``torch.nn`` layers and transformers' models) for the model's input (its forward's first tensor,
+positional then keyword arguments) and for every module that declares nothing; a module that
+declares ``batch_first`` (``nn.MultiheadAttention``, the RNNs), or holds layers that do and
+agree, or sits inside one of torch's transformer layers, has it on axis 0 if ``batch_first``
+else 1 (its output must then be 3-D); so does a model that is itself such a layer.
 
-- a module that declares ``batch_first`` (``nn.MultiheadAttention``, the RNNs), or holds layers
-  that do and agree, or sits inside one of torch's transformer layers whose attention does:
-  axis 0 if ``batch_first`` else axis 1 (its output must then be batched, 3-D);
-- any other module: axis 0, the convention of ``torch.nn`` layers and transformers' models.
-
-A module whose batch axis has ``n = len(names)`` rows runs row ``i`` with ``names[i]``; with
-``n = k * len(names)`` rows, row ``j`` runs ``names[j // k]``: each example's rows are
-consecutive, as transformers' ``generate()`` lays them out when it expands a batch for beam
-search or ``num_return_sequences`` (``repeat_interleave``), and as a ``(batch * seq)``
-flattening does. Any other row count is refused: the rows cannot be matched to examples.
+The rows are counted at the model's forward, before anything in it runs: one row per name, or
+``k`` per name only when the forward is called from transformers' ``generate()``, which expands
+each prompt to ``k`` consecutive rows for beam search and ``num_return_sequences`` (row ``j``
+runs ``names[j // k]``). Every wrapped module must then see exactly that many rows on its batch
+axis (one per name when called outside the model's forward: a submodule called directly, a
+recompute under checkpointing); any other count (a ``(batch * seq)`` flattening, the tokens a
+mixture of experts' gate sends to one expert) is refused, since those rows cannot be matched to
+examples. A count can match by chance (an expert that gets one token per example, a sequence
+as long as the batch): hence the docs' advice never to target inside experts, and to pass
+``batch_dim=1`` to a sequence-first model.
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -36,7 +43,7 @@ from ..lifecycle import Entry, as_entries
 from ..outputs import TENSOR_LIKE, find_hidden, first_tensor, get_path, replace_path
 from ..slot import AdapterSlot
 from ..surgery import check_entries
-from ..tree import adapted_modules
+from ..tree import adapted_modules, original_class
 
 # torch's own transformer layers pass (seq, batch, feature) tensors from layer to layer when
 # their attention is not batch_first; no attribute on them says so but their attention's.
@@ -74,11 +81,46 @@ def _layout(modules: dict[str, nn.Module], key: str) -> bool | None:
 class Route:
     """The per-example entries of one ``routed()`` block, and how to apply them at a slot."""
 
-    def __init__(self, rows: list[tuple[Entry, ...]], layouts: dict[int, bool | None]) -> None:
+    def __init__(self, rows: list[tuple[Entry, ...]], layouts: dict[int, bool | None],
+                 batch_dim: int | None = None, own: bool | None = None) -> None:
         self.rows = rows
         self.layouts = layouts  # id(slot) -> batch_first as declared, None: not declared
+        self.batch_dim = batch_dim  # where nothing is declared; None: axis 0
+        self.own = own  # batch_first as the model itself declares it (_own_layout)
+        # rows on the batch axis per forward of the model in progress (a stack: the model may
+        # call itself); None where its input told nothing (then one row per name)
+        self._batches: list[int | None] = []
         self._here: dict[int, tuple[tuple[Entry, ...], ...]] = {}
         self._groups: dict[tuple, list[Group]] = {}
+
+    # -- the model's forward: how many rows the batch has -------------------------------------
+
+    def enter(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward pre-hook on the model: read the batch off its input, or refuse the call
+        before anything in the model runs."""
+        self._batches.append(None)  # popped by leave(), which runs even if this raises
+        x = first_tensor(args, kwargs)
+        if isinstance(x, torch.Tensor):
+            self._batches[-1] = self._batch_of(model, x)
+
+    def leave(self, *_: Any) -> None:
+        """A forward hook on the model (``always_call``): the forward is over."""
+        self._batches.pop()
+
+    def _batch_of(self, model: nn.Module, x: torch.Tensor) -> int | None:
+        names, flag = len(self.rows), self.own
+        if flag is not None:  # nn.MultiheadAttention, an RNN, a torch transformer layer
+            if x.dim() != 3:
+                return None  # an unbatched call: its slots refuse it, naming the layout
+            axis = 0 if flag else 1
+        else:
+            axis = self.batch_dim or 0
+        n = x.shape[axis] if x.dim() > axis else None
+        if n == names:
+            return n
+        if n and n % names == 0 and flag is None and _in_generate():
+            return n  # generate() expanded each prompt to n // names consecutive rows
+        raise ValueError(_batch_error(model, x, axis, names, n, flag))
 
     def run(self, slot: AdapterSlot, output: Any, args: tuple, kwargs: dict) -> Any:
         rows = self._rows_at(slot)
@@ -150,15 +192,29 @@ class Route:
             raise ValueError(
                 f"{where} gave a {hidden.dim()}-D output, which has no batch axis to route on"
             )
-        axis = 1 if flag is False else 0
-        n, examples = hidden.shape[axis], len(self.rows)
-        if n == 0 or n % examples:
-            raise ValueError(
-                f"{where} saw {n} rows on its batch axis ({axis}), but routed() was given "
-                f"{examples} names: the rows must be the examples, or k rows per example in a "
-                "row (as generate() expands a batch for beam search); pass one name per example"
-            )
+        axis = (0 if flag else 1) if flag is not None else self.batch_dim or 0
+        n = hidden.shape[axis] if hidden.dim() > axis else None
+        batch = self._batches[-1] if self._batches else None
+        if n != (batch or len(self.rows)):
+            raise ValueError(self._rows_error(where, hidden, axis, n, batch, flag))
         return axis
+
+    def _rows_error(self, where: str, hidden: torch.Tensor, axis: int, n: int | None,
+                    batch: int | None, flag: bool | None) -> str:
+        names = len(self.rows)
+        seen = (f"saw {n} rows on its batch axis ({axis})" if n is not None else
+                f"has no batch axis {axis} (its output has shape {tuple(hidden.shape)})")
+        expected = (f"the batch has {batch} ({batch // names} per name, as generate() expanded "
+                    "it)" if batch and batch != names else f"routed() was given {names} names")
+        fix = "" if flag is not None else (
+            "; or, if its batch is on another axis, pass routed(..., batch_dim=that axis)")
+        return (
+            f"{where} {seen}, but {expected}: its rows cannot be matched to examples. A module "
+            "that sees a (batch * seq) flattening, or a data-dependent subset of the rows (an "
+            "expert of a mixture of experts, fed the tokens its gate picks), cannot be routed: "
+            "target a module that sees whole examples (the mixture-of-experts block, not its "
+            f"experts){fix}"
+        )
 
     def _route(self, slot: AdapterSlot, rows: tuple[tuple[Entry, ...], ...],
                hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -202,6 +258,52 @@ class Route:
         return groups
 
 
+def _own_layout(model: nn.Module) -> bool | None:
+    """``batch_first`` as the model itself declares it (one of torch's layers that do), or
+    None: the layers inside a model of one's own do not say how its input is laid out."""
+    own = getattr(model, "batch_first", None)
+    if isinstance(own, bool):
+        return own
+    declared = _declared(model) if isinstance(model, _TORCH_TRANSFORMERS) else set()
+    return declared.pop() if len(declared) == 1 else None
+
+
+def _in_generate() -> bool:
+    """Whether transformers' ``GenerationMixin.generate`` is on the call stack (looked up in
+    ``sys.modules``: the engine never imports transformers)."""
+    utils = sys.modules.get("transformers.generation.utils")
+    generate = getattr(getattr(utils, "GenerationMixin", None), "generate", None)
+    code = getattr(inspect.unwrap(generate), "__code__", None) if generate else None
+    frame = sys._getframe(1) if code is not None else None
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _batch_error(model: nn.Module, x: torch.Tensor, axis: int, names: int, n: int | None,
+                 flag: bool | None) -> str:
+    what = f"model {original_class(model).__name__}" + (
+        f" (batch_first={flag})" if flag is not None else "")
+    seen = f"saw {n} rows on its batch axis ({axis})" if n is not None else (
+        f"has no batch axis {axis}")
+    others = [d for d in range(x.dim()) if d != axis and x.shape[d] == names]
+    if others and flag is None:
+        fix = (f"if axis {others[0]} is the batch (a sequence-first input), pass "
+               f"routed(model, names, batch_dim={others[0]})")
+    elif n and n % names == 0 and flag is None:
+        fix = (f"{n // names} rows per name are read as one example's rows only inside "
+               "transformers' generate() (beam search, num_return_sequences); elsewhere pass "
+               "one name per row")
+    else:
+        fix = "pass one name per example"
+    if flag is None and not others:
+        fix += ", or batch_dim= the axis that holds the examples"
+    return (f"{what} {seen}, but routed() was given {names} names (its input, the forward's "
+            f"first tensor, has shape {tuple(x.shape)}): {fix}")
+
+
 def _reads_input(slot: AdapterSlot, rows: tuple[tuple[Entry, ...], ...]) -> bool:
     """Whether a parallel adapter runs here for some row: only then is the input gathered."""
     for entry in {e for row in rows for e in row}:
@@ -234,14 +336,28 @@ def _check_rows(model: nn.Module, names: Sequence[Any]) -> list[tuple[Entry, ...
 
 
 @contextmanager
-def routed(model: nn.Module, names: Sequence[Any]) -> Iterator[nn.Module]:
+def routed(model: nn.Module, names: Sequence[Any],
+           batch_dim: int | None = None) -> Iterator[nn.Module]:
     """Inside the block, example ``i`` of every batch runs the sets ``names[i]``.
 
     An entry is a set name, a list of them (stacked in that order), ``average(...)``, or None
     (the base model). Each example's output is what a forward of that example alone computes
     with only those sets active, in eval and in train mode (each set's parameters get
     gradients from its own examples only). The active sets are ignored inside the block and
-    unchanged after it. See the module docstring for the batch axis and ``generate()``.
+    unchanged after it.
+
+    ``batch_dim`` is the batch axis of the model's input and of every wrapped module that
+    declares no ``batch_first`` (default 0); pass ``batch_dim=1`` for a sequence-first model,
+    whose tensors are ``(seq, batch, ...)``. See the module docstring for the rules and for
+    ``generate()``.
+
+    Raises:
+        ValueError: names that are not one entry per example, or that name unknown sets; a
+            bad ``batch_dim``; nested blocks. At a forward inside the block: an input whose
+            batch axis does not hold one row per name (``k`` per name inside ``generate()``),
+            refused before the model runs; a wrapped module whose batch axis holds another
+            number of rows (its rows cannot be matched to examples). The model is left as it
+            was.
 
     Example:
         >>> import torch, adapterkit
@@ -267,10 +383,30 @@ def routed(model: nn.Module, names: Sequence[Any]) -> Iterator[nn.Module]:
     if state.route(model) is not None:
         raise ValueError("the model is already inside routed(); one routing at a time")
     rows = _check_rows(model, names)
+    own = _own_layout(model)
+    _check_batch_dim(model, batch_dim, own)
     modules = dict(model.named_modules())
     layouts = {id(slot): _layout(modules, key) for key, _, slot in slots}
-    state.set_route(model, Route(rows, layouts))
+    route = Route(rows, layouts, batch_dim, own)
+    state.set_route(model, route)
+    hooks = [model.register_forward_pre_hook(route.enter, with_kwargs=True),
+             model.register_forward_hook(route.leave, always_call=True)]
     try:
         yield model
     finally:
+        for hook in hooks:
+            hook.remove()
         state.set_route(model, None)
+
+
+def _check_batch_dim(model: nn.Module, batch_dim: int | None, flag: bool | None) -> None:
+    if batch_dim is None:
+        return
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
+        raise ValueError(f"routed(): batch_dim must be an axis, an int >= 0, got {batch_dim!r}")
+    if flag is not None and batch_dim != (0 if flag else 1):
+        raise ValueError(
+            f"routed(): {original_class(model).__name__} is batch_first={flag}, so its batch is "
+            f"axis {0 if flag else 1}, not batch_dim={batch_dim}; batch_dim is for modules that "
+            "declare no batch_first: leave it out"
+        )

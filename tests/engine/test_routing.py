@@ -28,12 +28,13 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @functools.cache
 def routed_gpt() -> nn.Module:
-    """Sets a (sequential, both sub-layers), b (parallel, FFN only), c (sequential, attention
-    only): at each module a different subset of the sets is present; f fuses a and c."""
+    """Sets a and c (sequential, both sub-layers), b (parallel, FFN only): at each module a
+    different subset of the sets is present; f fuses a and c (a fusion's sets must wrap the
+    same modules: c was attention only, which fuse now refuses)."""
     model = make_gpt()
     adapterkit.inject(model, ["mha_block", "ffn_block"], SEQ, name="a")
     adapterkit.inject(model, ["ffn_block"], PAR, name="b")
-    adapterkit.inject(model, ["mha_block"], SEQ, name="c")
+    adapterkit.inject(model, ["mha_block", "ffn_block"], SEQ, name="c")
     adapterkit.fuse(model, ["a", "c"], name="f")
     for fusion in adapterkit.adapters(model, "f").values():  # as if trained: not the mean
         nn.init.normal_(fusion.query.weight, std=0.3, generator=torch.Generator().manual_seed(2))
