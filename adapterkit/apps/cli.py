@@ -302,9 +302,15 @@ def plan_command(args: argparse.Namespace) -> int:
 # -- parsing and main ------------------------------------------------------------------------
 
 
+PROG = "adapterkit"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+        # main prints "adapterkit: error: " once; a command's errors name the command
+        command = self.prog.removeprefix(PROG).strip()
+        where = f"{command}: " if command else ""
+        raise UsageError(f"{where}{message} (see {self.prog} --help)")
 
 
 def _positive(text: str) -> int:
@@ -318,7 +324,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="adapterkit", description="Bottleneck adapters for any PyTorch "
+    parser = _Parser(prog=PROG, description="Bottleneck adapters for any PyTorch "
                      "model: fine-tuning a pretrained encoder (finetune), the seed's workflows "
                      "end to end (demo) and dry runs (plan).")
     parser.add_argument("--version", action="version", version=adapterkit.__version__)

@@ -46,7 +46,7 @@ from .classify import (
     trainable_entries,
 )
 from .data import DataError
-from .textdata import Task, package_task, read_task
+from .textdata import Task, package_task, read_pairs, read_task
 
 Bar = Callable[[int, str], Any]  # bar(total, description) -> context manager with update()
 
@@ -64,7 +64,13 @@ def default_model() -> Path:
 
 def load_task(args: argparse.Namespace) -> Task:
     if (args.train is None) != (args.val is None):
-        raise DataError("give both --train and --val, or neither (the default task)")
+        both = "give both --train and --val, or neither (the default task)"
+        flag, path = ("--train", args.train) if args.train is not None else ("--val", args.val)
+        try:  # what is wrong with the file given comes first: it needs fixing either way
+            read_pairs(path, args.text_column, args.label_column, flag)
+        except DataError as err:
+            raise DataError(f"{err}; and {both}") from None
+        raise DataError(both)
     if args.train is None:
         return package_task()
     return read_task(args.train, args.val, args.text_column, args.label_column)
