@@ -29,13 +29,34 @@ from .tree import adapted_modules, every_name, is_pretrained, require_sets, set_
 
 @dataclass(frozen=True)
 class FreezeReport:
-    """What a ``freeze`` call changed; ``str()`` is a table."""
+    """What a ``freeze`` call changed; ``str()`` is a table, ``repr()`` one short line.
+
+    ``frozen`` and ``unfrozen`` hold the names of the parameters that stopped and started
+    requiring grad; the repr gives their counts only, so that a REPL's echo of ``freeze(...)``
+    stays one line on a model of any size.
+
+    Example:
+        >>> import torch, adapterkit
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        >>> _ = adapterkit.inject(model, ["0"], adapterkit.AdapterConfig(bottleneck=2))
+        >>> report = adapterkit.freeze(model, train=["adapters", "1"])
+        >>> report  # what a REPL echoes for freeze(...)
+        FreezeReport(froze=2 tensors, unfroze=0 tensors, trainable=32 of 52 (61.54%), \
+spec=FreezeSpec(train=('adapters', '1'), freeze=()))
+        >>> report.frozen
+        ('0.weight', '0.bias')
+    """
 
     spec: FreezeSpec
     frozen: tuple[str, ...]  # parameter names that stopped requiring grad
     unfrozen: tuple[str, ...]  # parameter names that started requiring grad
     trainable: int  # trainable parameter count after the call
     total: int
+
+    def __repr__(self) -> str:
+        return (f"FreezeReport(froze={len(self.frozen)} tensors, unfroze={len(self.unfrozen)} "
+                f"tensors, trainable={self.trainable:,} of {self.total:,} "
+                f"({percent(self.trainable, self.total)}), spec={self.spec!r})")
 
     def __str__(self) -> str:
         rows = [("froze", len(self.frozen)), ("unfroze", len(self.unfrozen))]

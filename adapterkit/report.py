@@ -52,7 +52,9 @@ class Summary:
     """Trainable and total parameter counts; ``str()`` is the table, ending in the seed's lines.
 
     ``rows`` holds ``(group, trainable, total)``: one per adapter set (``adapters[NAME]``),
-    then one per top-level module (adapters included in the module that holds them).
+    then one per top-level module without the adapters inside it (``decoder_blocks`` counts
+    the blocks' own weights). Each parameter is in one row, so the rows add up to
+    ``trainable`` and ``total``.
     """
 
     trainable: int
@@ -64,8 +66,11 @@ class Summary:
             ["group", "trainable", "total", "trainable %"],
             [(g, f"{t:,}", f"{n:,}", percent(t, n)) for g, t, n in self.rows],
         )
+        note = ("(the module rows leave out the adapters inside them: the rows add up to "
+                "the totals)\n" if any(g.startswith("adapters[") for g, _, _ in self.rows)
+                else "")
         return (
-            f"{table}\n"
+            f"{table}\n{note}"
             f"Trainable params: {self.trainable} ({percent(self.trainable, self.total)})\n"
             f"Total params: {self.total}"
         )
@@ -77,6 +82,10 @@ def _count(params: list[nn.Parameter]) -> tuple[int, int]:
 
 def summary(model: nn.Module) -> Summary:
     """Count trainable and total parameters, per adapter set and per top-level module.
+
+    A module's row leaves out the adapters inside it, which have their own rows, so every
+    parameter is counted once and the rows add up to the totals (a tied parameter counts in
+    the first row that holds it).
 
     Example:
         >>> import adapterkit
@@ -92,16 +101,16 @@ def summary(model: nn.Module) -> Summary:
         >>> str(s).splitlines()[-2]
         'Trainable params: 2208 (9.21%)'
     """
-    rows: list[tuple[str, int, int]] = []
     by_set: dict[str, list[nn.Parameter]] = {}
     for _, _, slot in adapted_modules(model):
         for set_name, adapter in slot.items():
             by_set.setdefault(set_name, []).extend(adapter.parameters())
-    rows += [(f"adapters[{name}]", *_count(params)) for name, params in by_set.items()]
-
-    seen: set[int] = set()  # a tied parameter counts once, in the first group that holds it
-    groups = [("(root)", list(model.parameters(recurse=False)))]
+    groups = [(f"adapters[{name}]", params) for name, params in by_set.items()]
+    groups += [("(root)", list(model.parameters(recurse=False)))]
     groups += [(name, list(child.parameters())) for name, child in model.named_children()]
+
+    rows: list[tuple[str, int, int]] = []
+    seen: set[int] = set()  # each parameter counts once, in the first group that holds it
     for group, params in groups:
         unique = [p for p in params if id(p) not in seen]
         seen.update(id(p) for p in unique)

@@ -35,6 +35,7 @@ REGIMES: tuple[Regime, ...] = ("adapters", "full", "head")
 POOL = 50  # batches whose texts are sorted by length together: length buckets, still random
 EVAL_BATCH = 64
 OnStep = Callable[[], None]
+OnEval = Callable[[int, float | None, float], None]  # (step, training loss, val accuracy)
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,12 @@ class Recipe:
     # so that the encoder's first updates follow a head that already means something
     probe: bool = True
     # validation points on the curve after step 0 (which costs nothing: the frozen features),
-    # the last at the end; each is a pass over the validation texts
-    evals: int = 2
+    # evenly spaced, the last at the end, whatever the run's length: 10 draw a curve where 2
+    # drew a bent line. Each is a pass over the validation texts, as long as 18 training
+    # steps on the default task (895 texts forward against 16 forward and backward), so the
+    # 8 more cost about 150 steps' time, about a fifth of the default run (docs/cli.md,
+    # "Time"). `--evals 1` keeps the end alone.
+    evals: int = 10
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(bottleneck=self.bottleneck, placement=self.placement,
@@ -244,10 +249,13 @@ class Run:
     regime: Regime
     seed: int
     accuracy: float
-    curve: list[tuple[int, float]]  # (step, validation accuracy)
+    curve: list[tuple[int, float]]  # (step, validation accuracy); step 0: before training
+    # (step, mean training loss over the steps since the previous point), at the curve's steps
+    loss_curve: list[tuple[int, float]]
     trainable: int
     total: int
-    seconds: float
+    steps: int
+    seconds: float  # wall time of the run: the probe, the training steps, the evaluations
     step_seconds: float  # median wall time of one training step
     model: Classifier | None = field(default=None, repr=False)
 
@@ -306,12 +314,14 @@ def eval_steps(steps: int, evals: int) -> set[int]:
 
 def train_run(regime: Regime, model: Classifier, train: Encoded, val: Encoded, recipe: Recipe,
               seed: int, on_step: OnStep | None = None,
-              features: tuple[torch.Tensor, torch.Tensor] | None = None) -> Run:
+              features: tuple[torch.Tensor, torch.Tensor] | None = None,
+              on_eval: OnEval | None = None) -> Run:
     """Train ``model`` (from ``build``) and evaluate it on ``val``.
 
     ``features``: the frozen base encoder's pooled features of (train, val). The ``head``
     regime trains on them alone; with ``recipe.probe`` the other regimes fit their head on
-    them before training the encoder.
+    them before training the encoder. ``on_eval(step, loss, accuracy)`` is called at each
+    point of the validation curve (``loss`` is None at step 0).
     """
     steps = recipe.total_steps(len(train.ids), regime)
     # the probe is the head regime's run, the same for every regime whatever its length;
@@ -330,35 +340,43 @@ def train_run(regime: Regime, model: Classifier, train: Encoded, val: Encoded, r
     # at step 0 the encoder is the frozen base (adapters start as the identity), so the
     # features give its accuracy without a pass over the texts
     start_point = [(0, _val_accuracy(model, val, features))] if features is not None else []
-    curve, times = _fit(model, _trainable(model), order, recipe, train, on_features, regime,
-                        val, features if regime == "head" else None, on_step)
-    curve = start_point + curve
+    if start_point and on_eval is not None:
+        on_eval(0, None, start_point[0][1])
+    fit = _fit(model, _trainable(model), order, recipe, train, on_features, regime, val,
+               features if regime == "head" else None, on_step, on_eval)
+    curve = start_point + fit.curve
     seconds = time.perf_counter() - start
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Run(regime, seed, curve[-1][1], curve, trainable, total, seconds,
-               sorted(times)[len(times) // 2], model)
+    return Run(regime, seed, curve[-1][1], curve, fit.losses, trainable, total, steps, seconds,
+               sorted(fit.times)[len(fit.times) // 2], model)
 
 
 def _trainable(model: Classifier) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+@dataclass
+class Fit:
+    """What ``_fit`` saw: the validation curve and the training loss at ``eval_steps``
+    (when it had validation texts), and the wall time of every step."""
+
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, accuracy)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since)
+    times: list[float] = field(default_factory=list)
+
+
 def _fit(model: Classifier, params: Any, order: list[list[int]], recipe: Recipe,
          train: Encoded, on_features: torch.Tensor | None, regime: Regime,
          val: Encoded | None = None, val_features: Any = None,
-         on_step: OnStep | None = None) -> tuple[list[tuple[int, float]], list[float]]:
-    """Steps of AdamW over ``params`` along ``order``; on features if given, else on text.
-
-    Returns the validation curve (at ``eval_steps``, when ``val`` is given) and step times.
-    """
+         on_step: OnStep | None = None, on_eval: OnEval | None = None) -> Fit:
+    """Steps of AdamW over ``params`` along ``order``; on features if given, else on text."""
     optimizer = _optimizer(model, list(params), regime, recipe)
     base = [g["lr"] for g in optimizer.param_groups]
     steps = len(order)
     checkpoints = eval_steps(steps, recipe.evals) if val is not None else set()
     model.train()
-    curve: list[tuple[int, float]] = []
-    times: list[float] = []
+    fit, window = Fit(), []
     for step, rows in enumerate(order, start=1):
         t0 = time.perf_counter()
         for group, lr in zip(optimizer.param_groups, base, strict=True):
@@ -371,14 +389,19 @@ def _fit(model: Classifier, params: Any, order: list[list[int]], recipe: Recipe,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        times.append(time.perf_counter() - t0)
+        fit.times.append(time.perf_counter() - t0)
+        window.append(loss.item())
         if step in checkpoints:
             assert val is not None
-            curve.append((step, _val_accuracy(model, val, val_features)))
+            fit.curve.append((step, _val_accuracy(model, val, val_features)))
+            fit.losses.append((step, sum(window) / len(window)))
+            window = []
             model.train()
+            if on_eval is not None:
+                on_eval(step, fit.losses[-1][1], fit.curve[-1][1])
         if on_step is not None:
             on_step()
-    return curve, times
+    return fit
 
 
 def _val_accuracy(model: Classifier, val: Encoded,

@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -36,13 +36,13 @@ from ..report import format_table, percent
 from ..training import bits, evaluate
 from .data import DataError
 from .finetune import add_parser as add_finetune_parser
+from .progress import finetune_progress, progress_tools
 from .workflow import (
     CACHE_ENV,
     NORMS,
     REGIMES,
     SIZES,
     Data,
-    NoBar,
     Outcome,
     Recipe,
     Size,
@@ -61,27 +61,6 @@ class UsageError(Exception):
 
 
 # -- the demo command ------------------------------------------------------------------------
-
-
-def _progress_tools(enabled: bool | None) -> tuple[Callable[[int, str], Any],
-                                                    Callable[[Iterable[Any], str], Iterable[Any]]]:
-    """A bar factory ``bar(total, desc)`` and an iterable wrapper, tqdm's if installed.
-
-    ``enabled=None``: bars only when stderr is a terminal (tqdm's own rule).
-    """
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if enabled is False or tqdm is None:
-        return (lambda total, desc: NoBar()), (lambda it, desc: it)
-    disable = None if enabled is None else False
-    return (
-        lambda total, desc: tqdm(total=total, desc=desc, file=sys.stderr, leave=False,
-                                 dynamic_ncols=True, mininterval=0.5, disable=disable),
-        lambda it, desc: tqdm(it, desc=desc, file=sys.stderr, leave=False, mininterval=0.5,
-                              disable=disable),
-    )
 
 
 def check_targets(size: Size, recipe: Recipe) -> None:
@@ -184,7 +163,7 @@ def demo(args: argparse.Namespace) -> int:
     out, cache = Path(args.out), cache_root(args.cache_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a directory (it is created if missing)")
-    bar, progress = _progress_tools(args.progress)
+    bar, progress = progress_tools(args.progress)
     t0 = time.perf_counter()
     data = load_data(size, args.data_a, args.data_b, cache, progress)
     print(f"corpus A: {len(data.a.train):,} + {len(data.a.val):,} bytes (train + validation), "
@@ -302,9 +281,15 @@ def plan_command(args: argparse.Namespace) -> int:
 # -- parsing and main ------------------------------------------------------------------------
 
 
+PROG = "adapterkit"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+        # main prints "adapterkit: error: " once; a command's errors name the command
+        command = self.prog.removeprefix(PROG).strip()
+        where = f"{command}: " if command else ""
+        raise UsageError(f"{where}{message} (see {self.prog} --help)")
 
 
 def _positive(text: str) -> int:
@@ -318,7 +303,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="adapterkit", description="Bottleneck adapters for any PyTorch "
+    parser = _Parser(prog=PROG, description="Bottleneck adapters for any PyTorch "
                      "model: fine-tuning a pretrained encoder (finetune), the seed's workflows "
                      "end to end (demo) and dry runs (plan).")
     parser.add_argument("--version", action="version", version=adapterkit.__version__)
@@ -354,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars on stderr (default: when stderr is a terminal)")
     d.set_defaults(run=demo)
-    add_finetune_parser(sub, _positive, lambda enabled: _progress_tools(enabled)[0])
+    add_finetune_parser(sub, _positive, finetune_progress)
     p = sub.add_parser("plan", help="dry run: what adapterkit.inject would do to a model",
                        description="Print adapterkit.plan(model, targets) for the reference "
                        "GPT or for the model a 'module:callable' factory returns.")

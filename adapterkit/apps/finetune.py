@@ -13,10 +13,10 @@ Without ``--train``/``--val`` the task is ``textdata.package_task()``. See docs/
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -28,11 +28,11 @@ from torch import nn
 
 import adapterkit
 
-from ..report import format_table, percent
 from .classify import (
     REGIMES,
     Classifier,
     Encoded,
+    OnEval,
     Recipe,
     Run,
     accuracy,
@@ -46,9 +46,11 @@ from .classify import (
     trainable_entries,
 )
 from .data import DataError
-from .textdata import Task, package_task, read_task
+from .finetune_results import plot_curves, results_table, summarise
+from .textdata import Task, package_task, read_pairs, read_task
 
 Bar = Callable[[int, str], Any]  # bar(total, description) -> context manager with update()
+Note = Callable[[str], None]  # a progress line where no bar shows (a log file, a pipe)
 
 
 def default_model() -> Path:
@@ -64,7 +66,13 @@ def default_model() -> Path:
 
 def load_task(args: argparse.Namespace) -> Task:
     if (args.train is None) != (args.val is None):
-        raise DataError("give both --train and --val, or neither (the default task)")
+        both = "give both --train and --val, or neither (the default task)"
+        flag, path = ("--train", args.train) if args.train is not None else ("--val", args.val)
+        try:  # what is wrong with the file given comes first: it needs fixing either way
+            read_pairs(path, args.text_column, args.label_column, flag)
+        except DataError as err:
+            raise DataError(f"{err}; and {both}") from None
+        raise DataError(both)
     if args.train is None:
         return package_task()
     return read_task(args.train, args.val, args.text_column, args.label_column)
@@ -73,7 +81,7 @@ def load_task(args: argparse.Namespace) -> Task:
 def recipe_from(args: argparse.Namespace) -> Recipe:
     """The recipe's defaults, with what the flags set."""
     names = ("epochs", "full_epochs", "steps", "batch_size", "max_length", "lr", "full_lr",
-             "head_lr", "bottleneck", "placement", "scaling")
+             "head_lr", "bottleneck", "placement", "scaling", "evals")
     changes: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.targets is not None:
         changes["targets"] = tuple(args.targets)
@@ -94,8 +102,13 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
 
 def run_all(task: Task, fresh: Callable[[], nn.Module], tokenizer: Any, recipe: Recipe,
             regimes: Sequence[str], seeds: int, bar: Bar,
-            report: Callable[[str], None] = lambda line: None) -> dict[str, list[Run]]:
-    """Every regime with every seed; the first adapters run keeps its model, for the reload."""
+            report: Callable[[str], None] = lambda line: None,
+            note: Note | None = None) -> dict[str, list[Run]]:
+    """Every regime with every seed; the first adapters run keeps its model, for the reload.
+
+    ``report`` gets each run's result line; ``note``, if given, a line at each evaluation
+    (for output without progress bars).
+    """
     train = encode(tokenizer, [t for t, _ in task.train], task.ids(task.train), recipe.max_length)
     val = encode(tokenizer, [t for t, _ in task.val], task.ids(task.val), recipe.max_length)
     features = None
@@ -105,17 +118,37 @@ def run_all(task: Task, fresh: Callable[[], nn.Module], tokenizer: Any, recipe: 
         for seed in range(seeds):
             model = build(regime, fresh, len(task.labels), recipe, seed)
             if (regime == "head" or recipe.probe) and features is None:
+                t0 = time.perf_counter()
                 features = _features(model, train, val, bar)
+                if note is not None:
+                    note(f"features of the frozen encoder: {len(train.ids) + len(val.ids):,} "
+                         f"texts, {time.perf_counter() - t0:.0f} s")
             steps = recipe.total_steps(len(train.ids), regime)
-            with bar(steps, f"{regime}, seed {seed}") as progress:
+            name = f"{regime}, seed {seed}"
+            lines = None if note is None else _eval_lines(name, steps, regime, note)
+            with bar(steps, name) as progress:
                 run = train_run(regime, model, train, val, recipe, seed,
-                                lambda: progress.update(1), features)
+                                lambda: progress.update(1), features, lines)
             if runs[regime] or regime != "adapters":
                 run.model = None  # keep one model: the first adapters run's
             runs[regime].append(run)
             report(f"{regime}, seed {seed}: accuracy {run.accuracy:.4f} after {steps} steps, "
                    f"{run.seconds:.0f} s")
     return runs
+
+
+def _eval_lines(name: str, steps: int, regime: str, note: Note) -> OnEval:
+    """A line for ``note`` at each evaluation: step, training loss, accuracy, elapsed time."""
+    start = time.perf_counter()
+    first = "untrained head" if regime == "head" else "linear probe"
+
+    def line(step: int, loss: float | None, accuracy: float) -> None:
+        where = f"step {step}/{steps}" + (f" ({first})" if step == 0 else "")
+        mean = "" if loss is None else f", training loss {loss:.4f}"
+        note(f"{name}: {where}{mean}, validation accuracy {accuracy:.4f}, "
+             f"{time.perf_counter() - start:.0f} s")
+
+    return line
 
 
 def _features(model: Classifier, train: Encoded, val: Encoded,
@@ -146,77 +179,19 @@ def save_and_reload(run: Run, fresh: Callable[[], nn.Module], task: Task, val: E
             "matches": trained == again and bool(torch.equal(before, after))}
 
 
-# -- reporting -------------------------------------------------------------------------------
-
-
-def summarise(runs: dict[str, list[Run]]) -> dict[str, dict[str, Any]]:
-    """Per regime: mean accuracy over seeds, each seed's, parameter counts, times, curves."""
-    out = {}
-    for regime, rs in runs.items():
-        accs = [r.accuracy for r in rs]
-        out[regime] = {
-            "accuracy": statistics.fmean(accs), "accuracies": accs,
-            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "trainable": rs[0].trainable, "total": rs[0].total,
-            "trainable_share": rs[0].trainable / rs[0].total,
-            "seconds": sum(r.seconds for r in rs), "seconds_per_seed": [r.seconds for r in rs],
-            "step_seconds": statistics.median(r.step_seconds for r in rs),
-            "curves": [[list(point) for point in r.curve] for r in rs],
-        }
-    return out
-
-
-def results_table(summary: dict[str, dict[str, Any]]) -> str:
-    rows = []
-    for regime, s in summary.items():
-        spread = f" ± {100 * s['std']:.1f}" if len(s["accuracies"]) > 1 else ""
-        rows.append((regime, f"{100 * s['accuracy']:.1f}{spread}",
-                     " ".join(f"{100 * a:.1f}" for a in s["accuracies"]),
-                     f"{s['trainable']:,}", f"{s['total']:,}",
-                     percent(s["trainable"], s["total"]), f"{s['seconds']:.0f}s",
-                     f"{1000 * s['step_seconds']:.0f}ms"))
-    return format_table(["regime", "accuracy %", "per seed", "trainable", "total",
-                         "trainable %", "time", "step"], rows)
-
-
-def plot_curves(summary: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
-    """Validation accuracy against steps, a line per seed; False if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (regime, s) in enumerate(summary.items()):
-        for j, curve in enumerate(s["curves"]):
-            ax.plot([p[0] for p in curve], [100 * p[1] for p in curve], marker=".",
-                    color=f"C{i}", alpha=1.0 if j == 0 else 0.5,
-                    label=f"{regime} ({100 * s['accuracy']:.1f}%)" if j == 0 else None)
-    ax.set_xlim(left=0)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 # -- the command -----------------------------------------------------------------------------
 
 
-def finetune(args: argparse.Namespace, bar: Bar) -> int:
-    """The ``finetune`` command; ``bar`` makes progress bars. Returns the exit status."""
+def finetune(args: argparse.Namespace, bar: Bar, note: Note | None = None) -> int:
+    """The ``finetune`` command; ``bar`` makes progress bars, ``note`` (where no bar shows)
+    writes a line at each evaluation. Returns the exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the network
     recipe = recipe_from(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; give a directory (it is created if missing)")
     t0 = time.perf_counter()
+    say = functools.partial(print, flush=True)  # a log (a pipe, a file) gets each line at once
     task = load_task(args)
     model_path = args.model or default_model()
     fresh, tokenizer = load_encoder(model_path)
@@ -226,26 +201,26 @@ def finetune(args: argparse.Namespace, bar: Bar) -> int:
     if "full" in args.regimes and not recipe.steps:
         full = recipe.total_steps(len(task.train), "full")
         length += f"; full fine-tuning {full} steps, {recipe.full_epochs:g} epochs"
-    print(f"task: {task.describe()}")
-    print(f"model: {model_path}; {steps} steps of {recipe.batch_size} ({length}), max length "
+    say(f"task: {task.describe()}")
+    say(f"model: {model_path}; {steps} steps of {recipe.batch_size} ({length}), max length "
           f"{recipe.max_length}; adapters: bottleneck {recipe.bottleneck}, {recipe.placement}, "
           f"targets {' '.join(recipe.targets)}")
-    runs = run_all(task, fresh, tokenizer, recipe, args.regimes, args.seeds, bar, print)
+    runs = run_all(task, fresh, tokenizer, recipe, args.regimes, args.seeds, bar, say, note)
     summary = summarise(runs)
-    print(f"\nvalidation accuracy over {args.seeds} seed(s) ({len(task.val):,} texts):")
-    print(results_table(summary))
+    say(f"\nvalidation accuracy over {args.seeds} seed(s) ({len(task.val):,} texts):")
+    say(results_table(summary))
     out.mkdir(parents=True, exist_ok=True)
     reload = None
     if "adapters" in runs:
         val = encode(tokenizer, [t for t, _ in task.val], task.ids(task.val), recipe.max_length)
         reload = save_and_reload(runs["adapters"][0], fresh, task, val, recipe, out)
         verdict = "matches" if reload["matches"] else "DOES NOT MATCH"
-        print(f"\nsaved the adapters, LayerNorms and head of 'adapters, seed 0' to "
+        say(f"\nsaved the adapters, LayerNorms and head of 'adapters, seed 0' to "
               f"{reload['path']}; reloaded into a fresh base: accuracy "
               f"{reload['accuracy_reloaded']:.4f} vs {reload['accuracy_trained']:.4f} trained "
               f"({verdict})")
-    plotted = plot_curves(summary, out / "curves.png", task.name)
-    print(f"validation curves: {out / 'curves.png'}" if plotted else
+    plotted = plot_curves(summary, out / "curves.png", task.name, recipe.probe)
+    say(f"validation curves: {out / 'curves.png'}" if plotted else
           "validation curves: not plotted (matplotlib is missing: pip install 'adapterkit[cli]')")
     results = {"command": " ".join(["adapterkit", *args.argv]), "model": str(model_path),
                "task": {"name": task.name, "labels": list(task.labels),
@@ -255,7 +230,7 @@ def finetune(args: argparse.Namespace, bar: Bar) -> int:
                "regimes": summary,
                "reload": reload, "seconds": time.perf_counter() - t0}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results: {out / 'results.json'} ({results['seconds']:.0f} s in all)")
+    say(f"results: {out / 'results.json'} ({results['seconds']:.0f} s in all)")
     return 0 if reload is None or reload["matches"] else 1
 
 
@@ -284,9 +259,10 @@ def _positive_number(text: str) -> float:
     return value
 
 
-def add_parser(sub: Any, positive: Callable[[str], int], progress: Callable[[bool | None], Bar]
-               ) -> None:
-    """Register ``finetune`` on the CLI's subparsers."""
+def add_parser(sub: Any, positive: Callable[[str], int],
+               progress: Callable[[bool | None], tuple[Bar, Note | None]]) -> None:
+    """Register ``finetune`` on the CLI's subparsers; ``progress(--progress)`` gives the bar
+    factory and, where no bar shows, what writes a progress line."""
     d = Recipe()
     p = sub.add_parser("finetune", help="fine-tune a pretrained encoder for text "
                        "classification: adapters, full fine-tuning, head only",
@@ -327,8 +303,12 @@ def add_parser(sub: Any, positive: Callable[[str], int], progress: Callable[[boo
     p.add_argument("--batch-size", type=positive, help=f"(default: {d.batch_size})")
     p.add_argument("--max-length", type=positive, help=f"tokens per text (default: "
                    f"{d.max_length})")
+    p.add_argument("--evals", type=positive, help=f"validation points on each run's curve "
+                   f"after step 0, evenly spaced, the last at the end (default: {d.evals}; "
+                   "each is a pass over the validation texts)")
     p.add_argument("--out", default="out", help="directory for results.json, curves.png and "
                    "adapters/ (default: %(default)s)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars on stderr (default: when stderr is a terminal)")
-    p.set_defaults(run=lambda args: finetune(args, progress(args.progress)))
+                   help="progress bars on stderr (default: when stderr is a terminal; "
+                   "otherwise a line at each evaluation); --no-progress: neither")
+    p.set_defaults(run=lambda args: finetune(args, *progress(args.progress)))
