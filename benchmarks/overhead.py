@@ -20,10 +20,10 @@ import sys
 import common  # noqa: F401  (sets OMP_WAIT_POLICY before torch is imported)
 import torch
 import torch.nn.functional as F
+from tests.test_seed import SeedGPT, seed_state_from
 
 import adapterkit
 from adapterkit.models.gpt import GPT
-from tests.test_seed import SeedGPT, seed_state_from
 
 SIZE = dict(vocab_size=256, d_model=256, max_length=128, num_heads=4, dff=1024, dropout=0.1, N=4)
 

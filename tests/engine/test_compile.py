@@ -39,8 +39,9 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def sets_and_a_fusion() -> nn.Module:
     """Sets a (sequential) and b (parallel) at both sub-layers of every block, c (sequential)
-    at the attention only, and f, the fusion of a, b and c where all three sit (the
-    attention), its query as if trained: at each module a different subset of the entries."""
+    at the attention only, and f, the fusion of a and b (a fusion sits where its sets are, so
+    its sets must wrap the same modules), its query as if trained: at each module a different
+    subset of the entries."""
     torch._dynamo.reset()
     model = make_gpt().eval()
     torch.manual_seed(1)
@@ -53,7 +54,7 @@ def sets_and_a_fusion() -> nn.Module:
                                            name).values():  # trained-looking: biases too
             nn.init.normal_(adapter.down.bias, std=0.3)
             nn.init.normal_(adapter.up.bias, std=0.3)
-    adapterkit.fuse(model, ["a", "b", "c"], name="f")
+    adapterkit.fuse(model, ["a", "b"], name="f")
     for fusion in adapterkit.adapters(model, "f").values():  # not the mean
         nn.init.normal_(fusion.query.weight, std=0.3)
     return model
