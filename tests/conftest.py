@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from adapterkit.models.gpt import GPT
 
@@ -41,6 +42,18 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.inp(x))
         return self.head(h + self.body(h))
+
+
+class Checkpointed(nn.Module):
+    """One decoder block run under ``torch.utils.checkpoint``."""
+
+    def __init__(self, block: nn.Module, reentrant: bool) -> None:
+        super().__init__()
+        self.block = block
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
+        return checkpoint(self.block, x, key_padding_mask, use_reentrant=self.reentrant)
 
 
 @pytest.fixture

@@ -17,11 +17,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import adapterkit
 from adapterkit import NoGradientError
-from tests.conftest import make_gpt
+from tests.conftest import Checkpointed, make_gpt
 from tests.conftest import minilm as minilm_copy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,18 +44,6 @@ def assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 
 # -- the reference GPT, blocks wrapped in torch.utils.checkpoint by the user ------------------
-
-
-class Checkpointed(nn.Module):
-    """One decoder block run under ``torch.utils.checkpoint``."""
-
-    def __init__(self, block: nn.Module, reentrant: bool) -> None:
-        super().__init__()
-        self.block = block
-        self.reentrant = reentrant
-
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
-        return checkpoint(self.block, x, key_padding_mask, use_reentrant=self.reentrant)
 
 
 def gpt(reentrant: bool | None, train: list[str]) -> nn.Module:

@@ -9,27 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.utils.checkpoint as cp
 from torch import nn
 
 import adapterkit
 from adapterkit import AdapterConfig
-from tests.conftest import make_gpt
+from tests.conftest import Checkpointed, make_gpt
 
 CONFIG = AdapterConfig(bottleneck=8, init="normal", init_std=0.1, dropout=0.0)
 TOKENS = torch.randint(0, 61, (4, 8), generator=torch.Generator().manual_seed(3))
-
-
-class Checkpointed(nn.Module):
-    """A GPT block run under torch.utils.checkpoint."""
-
-    def __init__(self, block: nn.Module, reentrant: bool) -> None:
-        super().__init__()
-        self.block, self.reentrant = block, reentrant
-
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
-        return cp.checkpoint(lambda h: self.block(x=h, key_padding_mask=key_padding_mask), x,
-                             use_reentrant=self.reentrant)
 
 
 def adapted(reentrant: bool | None) -> nn.Module:
