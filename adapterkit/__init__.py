@@ -32,7 +32,16 @@ from .errors import (
 from .freezing import FreezeReport, freeze, trainable_parameters
 from .fx import calls
 from .io import load_adapters, save_adapters
-from .lifecycle import active, adapters, disabled, eject, inject, reset_adapters, set_active
+from .lifecycle import (
+    active,
+    adapters,
+    disabled,
+    eject,
+    inject,
+    own,
+    reset_adapters,
+    set_active,
+)
 from .presets import auto_targets
 from .report import Plan, PlanRow, Summary, plan, summary
 from .training import TwoPhaseResult, train_two_phase
@@ -70,6 +79,7 @@ __all__ = [
     "inject",
     "load_adapters",
     "merge",
+    "own",
     "plan",
     "reset_adapters",
     "routed",

@@ -23,7 +23,7 @@ from .adapter import is_quantized, quantized_message, quantized_weights, where
 from .config import FreezeSpec, as_entries
 from .report import format_table, percent
 from .select import compile_selector, no_match_error
-from .slot import Composition
+from .slot import Composition, Owned
 from .tree import adapted_modules, every_name, is_pretrained, require_sets, set_names
 
 
@@ -152,8 +152,9 @@ def _warn_low_precision(model: nn.Module) -> None:
     low = sorted({
         (set_name, str(p.dtype).removeprefix("torch."))
         for _, _, slot in adapted_modules(model) for set_name, adapter in slot.items()
-        # an explicit dtype is a choice: no warning (a fusion has its sets' dtype, no choice)
-        if getattr(adapter.config, "dtype", None) is None
+        # an explicit dtype is a choice: no warning (a fusion has its sets' dtype, no choice;
+        # a set's own module is a copy of the model's, in the model's dtype)
+        if not isinstance(adapter, Owned) and getattr(adapter.config, "dtype", None) is None
         for p in adapter.parameters() if p.requires_grad and p.dtype in _LOW_PRECISION
     })
     if low:

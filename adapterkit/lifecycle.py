@@ -12,8 +12,9 @@ the trained model).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from copy import deepcopy
 from itertools import chain
 from typing import Literal, NamedTuple
 
@@ -24,9 +25,16 @@ from . import state
 from .adapter import Adapter
 from .config import AdapterConfig
 from .select import Targets
-from .slot import Composition
-from .surgery import attach, detach, store_active
-from .tree import adapted_modules, composed_sets, require_sets, set_names
+from .slot import SLOT, Composition
+from .surgery import attach, attach_owned, detach, select, store_active
+from .tree import (
+    adapted_modules,
+    composed_sets,
+    original_class,
+    require_sets,
+    set_names,
+    slot_of,
+)
 
 
 class Method(NamedTuple):
@@ -89,6 +97,58 @@ def inject(
         raise TypeError(f"options {sorted(fx_options)} apply only to method='fx'")
     attach(model, expand_presets(model, targets), config, name, example_inputs=example_inputs)
     return model
+
+
+def own(model: nn.Module, modules: Targets | Mapping[str, nn.Module],
+        name: str = "default") -> nn.Module:
+    """Give set ``name`` its own copy of each module ``modules`` selects; while the set is
+    active, its copy runs instead of the model's module, on the same inputs.
+
+    ``modules`` is a selector of the target grammar (each copy starts as the module is, and
+    is trainable), or a dict ``{qualified name: module}`` of replacements (a head with another
+    number of labels). The set may already hold adapters, or be new (then it is active at
+    once, as ``inject`` makes it). Its modules go with it: ``freeze(train=["adapters:NAME"])``
+    trains them, ``save_adapters`` / ``load_adapters`` carry them, ``disabled()`` and other
+    sets run the model's own modules, ``routed()`` runs each example through its set's, and
+    ``eject`` removes them (the model's modules were never changed). Refused, before the model
+    changes: two active sets owning one module, modules that hold adapters inside them,
+    overlapping modules, FX-mode models, modules wrapped by torch.distributed.
+
+    Example:
+        >>> import torch, adapterkit
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)).eval()
+        >>> _ = adapterkit.own(model, {"1": torch.nn.Linear(8, 5)}, name="five_labels")
+        >>> x = torch.randn(3, 8)
+        >>> model(x).shape  # the new set is active: its head runs
+        torch.Size([3, 5])
+        >>> with adapterkit.disabled(model):
+        ...     model(x).shape
+        torch.Size([3, 2])
+        >>> adapterkit.set_active(model, [])
+        >>> _ = adapterkit.own(model, "1", name="copy")  # another set: a copy of the head
+        >>> copied = model(x)
+        >>> with adapterkit.disabled(model):
+        ...     bool(torch.equal(copied, model(x)))  # a copy starts as the module is
+        True
+    """
+    if isinstance(modules, Mapping):
+        given = dict(modules)
+    else:
+        chosen = select(model, modules)[0]
+        given = {q: own_copy(m) for q, m in chosen.items()}
+    attach_owned(model, name, given)
+    return model
+
+
+def own_copy(module: nn.Module) -> nn.Module:
+    """A trainable copy of ``module`` as the model has it, without adapterkit's slot."""
+    copy = deepcopy(module)
+    if slot_of(copy) is not None:
+        del copy._modules[SLOT]
+        copy.__class__ = original_class(copy)
+    for p in copy.parameters():
+        p.requires_grad_(True)
+    return copy
 
 
 def expand_presets(model: nn.Module, targets: Targets) -> Targets:

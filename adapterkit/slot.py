@@ -60,36 +60,77 @@ class RNNState:
                    isinstance(module, nn.LSTM))
 
 
+class Owned(nn.Module):
+    """A set's own copy (or replacement) of the module its slot sits on (``adapterkit.own``):
+    while the set is active it runs instead of that module, on the same inputs."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def extra_repr(self) -> str:
+        return "runs instead of the module while its set is active"
+
+
 class AdapterSlot(nn.ModuleDict):
-    """The adapters of one wrapped module, keyed by set name, and the order they run in."""
+    """The adapters of one wrapped module, keyed by set name, and the order they run in; and
+    the modules sets own there (``Owned``), one of which runs instead of the module."""
 
     def __init__(self, target_name: str, rnn: RNNState | None = None) -> None:
         super().__init__()
         self.target_name = target_name  # for error messages only
         self.rnn = rnn
+        # the sets that own this module: read at every forward, so kept rather than derived
+        self.owners: frozenset[str] = frozenset()
         # The model-wide state (state.py), shared by every slot of the model: the active list,
         # whose entries this slot applies where it holds them, in that order, and the route
         # inside adapterkit.routed(). Set by state.join when the slot joins a model.
         self.shared: ModelState | None = None
 
-    def run(self, output: Any, args: tuple, kwargs: dict) -> Any:
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        super().__setitem__(key, module)
+        self.owners = frozenset(k for k, m in self._modules.items() if isinstance(m, Owned))
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self.owners = frozenset(k for k, m in self._modules.items() if isinstance(m, Owned))
+
+    def plan(self) -> Any:
+        """What runs here now: inside adapterkit.routed(), the route (each example its own
+        sets); else the active list; in a checkpoint's recompute, what its forward ran."""
         shared = self.shared
         if shared is None:
-            return output  # not part of a model yet
-        # what runs: inside adapterkit.routed(), each example its own sets; else the active list
+            return ()  # not part of a model yet
         plan = shared.route if shared.route is not None else shared.active
         if (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling():
             plan = _replayed(self, plan)
+        return plan
+
+    def run(self, output: Any, args: tuple, kwargs: dict) -> Any:
+        plan = self.plan()
         if isinstance(plan, tuple):
             return self.apply_entries(plan, output, args, kwargs)
         return plan.run(self, output, args, kwargs)
+
+    def call(self, module: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        """The wrapped module's call when sets own it: the active owner's module runs instead
+        of ``forward`` (the module's own), then the adapters."""
+        plan = self.plan()
+        if not isinstance(plan, tuple):
+            return plan.call(self, module, forward, args, kwargs)
+        owner = next((e for e in plan if isinstance(e, str) and e in self.owners), None)
+        if owner is None:
+            output = forward(module, *args, **kwargs)
+        else:
+            output = self._modules[owner].module(*args, **kwargs)  # type: ignore[union-attr]
+        return self.apply_entries(plan, output, args, kwargs)
 
     def apply_entries(self, entries: tuple, output: Any, args: tuple, kwargs: dict) -> Any:
         """Apply ``entries`` (set names, or compositions such as ``average(...)``) in order;
         an entry with nothing at this module passes the output through."""
         for entry in entries:
             module = self.entry(entry)
-            if module is not None:
+            if module is not None and not isinstance(module, Owned):
                 output = self._apply_one(str(entry), module, output, args, kwargs)
         return output
 

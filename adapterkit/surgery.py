@@ -25,7 +25,7 @@ from .config import AdapterConfig
 from .layout import Layout, infer_layout, parallel_mismatch
 from .probe import Call, observe, observed_layout
 from .select import select_modules
-from .slot import SLOT, AdapterSlot, RNNState
+from .slot import SLOT, AdapterSlot, Owned, RNNState
 from .tree import (
     adapted_class,
     adapted_modules,
@@ -324,6 +324,77 @@ def detach(model: nn.Module, names: Collection[str]) -> None:
     state.sync(model)
 
 
+def attach_owned(model: nn.Module, name: str, modules: dict[str, nn.Module]) -> None:
+    """Give set ``name`` the modules ``{qualified name: its own module}``, each to run instead
+    of the model's module of that name while the set is active; all checks first."""
+    if state.graph_base(model) is not None:
+        raise ValueError("own() needs modules to wrap: a GraphModule from method='fx' runs its "
+                         "graph, so a set's own module there would never run; use "
+                         "method='modules' (the default) for sets that own modules")
+    if name not in set_names(model):
+        check_set_name(model, name)
+    found = dict(candidates(model))
+    missing = [q for q in modules if q not in found]
+    if missing:
+        raise ValueError(f"own(): the model has no module named '{missing[0]}'")
+    for qname, replacement in modules.items():
+        module = found[qname]
+        if not isinstance(replacement, nn.Module):
+            raise TypeError(f"own(): '{qname}' maps to {type(replacement).__name__}, not a "
+                            "module")
+        if type(module).forward is nn.Module.forward:
+            raise ValueError(f"own(): '{qname}' is a {type(module).__name__}, which has no "
+                             "forward to run instead; select the modules inside it")
+        if any(is_adapted(m) for n, m in candidates(module) if n):
+            raise ValueError(f"own(): '{qname}' holds modules wrapped with adapters; a set's "
+                             "own copy would leave them out: own the modules inside it")
+        slot = slot_of(module)
+        if slot is not None and name in slot:
+            what = "owns it already" if isinstance(slot[name], Owned) else "has an adapter there"
+            raise ValueError(f"own(): set '{name}' {what} ('{qname}'); eject(model, '{name}') "
+                             "first, or give the module to another set")
+        _check_called(model, qname)
+        _check_not_wrapped(model, qname)
+    named = [(n, found[n]) for n in modules] + [
+        (key, owner) for key, owner, slot in adapted_modules(model) if slot.owners]
+    nested = _first_nested([n for n, _ in named])
+    if nested is not None:
+        raise ValueError(f"own(): '{nested[1]}' is inside '{nested[0] or '<root>'}', which a "
+                         "set owns too; a set's modules must not overlap")
+    new_set = name not in set_names(model)
+    if new_set or name in state.active(model):  # a new set is active at once, as inject's
+        _check_owners(model, [*state.active(model)], extra={q: name for q in modules})
+    state.record_norm_counts(model)
+    try:
+        placed = {q: (wrap(found[q], q), Owned(m)) for q, m in modules.items()}
+    except BaseException:
+        detach(model, [name] if new_set else [])  # all or nothing
+        raise
+    install_set(model, name, placed, activate=new_set)
+
+
+def _check_owners(model: nn.Module, entries: list[Any],
+                  extra: dict[str, str] | None = None) -> None:
+    """Refuse entries that run two sets owning one module, or compositions of sets that own
+    modules (an average mixes branches; an owned module is no branch)."""
+    active = [e for e in entries if isinstance(e, str)]
+    mixed = {s for e in entries if not isinstance(e, str) for s in e.sets}
+    for key, _, slot in adapted_modules(model):
+        owners = [s for s in active if s in slot.owners] + (
+            [extra[key]] if extra and key in extra else [])
+        if len(set(owners)) > 1:
+            raise ValueError(
+                f"sets {sorted(set(owners))} both own module '{key}', and only one module can "
+                "run there: activate one of them, or route them to different examples with "
+                "adapterkit.routed()"
+            )
+        if mixed & slot.owners:
+            raise ValueError(
+                f"set '{sorted(mixed & slot.owners)[0]}' owns module '{key}', and an average or "
+                "fusion mixes the sets' adapters only: activate that set on its own instead"
+            )
+
+
 def check_entries(model: nn.Module, names: list[Any],
                   once: str = "each set may be active once") -> tuple[Any, ...]:
     """``names`` as a tuple of entries to run, each an injected set's name or a composition
@@ -334,6 +405,7 @@ def check_entries(model: nn.Module, names: list[Any],
     for entry in names:
         if not isinstance(entry, str):
             entry.check(model)
+    _check_owners(model, names)
     return tuple(names)
 
 

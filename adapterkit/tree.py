@@ -71,8 +71,11 @@ def adapted_class(base: type[nn.Module]) -> type[nn.Module]:
     base_forward = base.forward
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        slot = self._modules[SLOT]
+        if slot.owners:  # type: ignore[union-attr]  # a set's own module may run instead
+            return slot.call(self, base_forward, args, kwargs)  # type: ignore[union-attr]
         output = base_forward(self, *args, **kwargs)
-        return self._modules[SLOT].run(output, args, kwargs)  # type: ignore[union-attr]
+        return slot.run(output, args, kwargs)  # type: ignore[union-attr]
 
     # the original's name, docstring and signature, for code that inspects forward
     functools.update_wrapper(forward, base_forward)

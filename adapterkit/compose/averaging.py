@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
+from ..slot import Composition
 from ..surgery import check_set_name, install_set
 from ..tree import adapted_modules, require_sets, set_slots
 
@@ -72,7 +73,7 @@ class Average:
         """Refuse sets the model lacks, and fusions (which have no branch to weigh)."""
         require_sets(model, list(self.sets), f"{self}: ")
         for _, _, slot in adapted_modules(model):
-            fused = [s for s in self.sets if s in slot and not isinstance(slot[s], Adapter)]
+            fused = [s for s in self.sets if s in slot and isinstance(slot[s], Composition)]
             if fused:
                 raise ValueError(f"{self}: '{fused[0]}' is a fusion; average adapter sets only")
 

@@ -143,6 +143,40 @@ class Route:
             output = replace_path(output, path, hidden)
         return output
 
+    def call(self, slot: AdapterSlot, module: nn.Module, forward: Any, args: tuple,
+             kwargs: dict) -> Any:
+        """A module that sets own: each group of rows runs its set's own module (or the
+        module itself) on its rows of the inputs; then the adapters, as ``run``."""
+        owners = tuple(next((e for e in row if isinstance(e, str) and e in slot.owners), None)
+                       for row in self.rows)
+        if len(set(owners)) == 1:
+            output = self._owned_call(slot, owners[0], module, forward, args, kwargs)
+            return self.run(slot, output, args, kwargs)
+        x = first_tensor(args, kwargs)
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"module '{slot.target_name}' is owned by routed sets but was "
+                             "called without a tensor: its rows cannot be split by example")
+        axis = self._axis(slot, x)
+        n = x.shape[axis]
+        outputs = []
+        for (owner,), index in self._grouped(tuple((o,) for o in owners), n, x.device):
+            def part(value: Any, index: torch.Tensor = index) -> Any:
+                batched = (isinstance(value, torch.Tensor) and value.dim() > axis
+                           and value.shape[axis] == n)
+                return value.index_select(axis, index) if batched else value
+
+            out = self._owned_call(slot, owner, module, forward, tuple(map(part, args)),
+                                   {k: part(v) for k, v in kwargs.items()})
+            outputs.append((owner, index, out))
+        return self.run(slot, _stitch(slot, outputs, axis, n), args, kwargs)
+
+    @staticmethod
+    def _owned_call(slot: AdapterSlot, owner: str | None, module: nn.Module, forward: Any,
+                    args: tuple, kwargs: dict) -> Any:
+        if owner is None:
+            return forward(module, *args, **kwargs)
+        return slot[owner].module(*args, **kwargs)
+
     def _route_rnn(self, slot: AdapterSlot, rows: tuple[tuple[Entry, ...], ...],
                    output: Any) -> Any:
         """An RNN's ``(sequence, h_n)`` or ``(sequence, (h_n, c_n))``: each group's rows of the
@@ -302,6 +336,28 @@ def _batch_error(model: nn.Module, x: torch.Tensor, axis: int, names: int, n: in
         fix += ", or batch_dim= the axis that holds the examples"
     return (f"{what} {seen}, but routed() was given {names} names (its input, the forward's "
             f"first tensor, has shape {tuple(x.shape)}): {fix}")
+
+
+def _stitch(slot: AdapterSlot, outputs: list[tuple[str | None, torch.Tensor, Any]], axis: int,
+            n: int) -> torch.Tensor:
+    """One output from each group's rows, in the batch's order; refused when the groups' modules
+    give outputs of different shapes (heads with different numbers of labels)."""
+    shapes = {owner: (tuple(out.shape[:axis]) + tuple(out.shape[axis + 1:])
+                      if isinstance(out, torch.Tensor) and out.dim() > axis else None)
+              for owner, _, out in outputs}
+    if None in shapes.values() or len(set(shapes.values())) > 1:
+        seen = ", ".join(f"{'the base' if o is None else repr(o)}: {s}" for o, s in shapes.items())
+        raise ValueError(
+            f"module '{slot.target_name}' is owned by the routed sets, and their modules give "
+            f"outputs of different shapes or no tensor ({seen}, the batch axis left out), which "
+            "one batch cannot hold: route sets whose modules there agree (e.g. heads with the "
+            "same number of labels) in one batch, and the others in their own batches"
+        )
+    first = outputs[0][2]
+    out = first.new_empty((*first.shape[:axis], n, *first.shape[axis + 1:]))
+    for _, index, part in outputs:
+        out.index_copy_(axis, index, part)
+    return out
 
 
 def _reads_input(slot: AdapterSlot, rows: tuple[tuple[Entry, ...], ...]) -> bool:

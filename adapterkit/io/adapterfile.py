@@ -21,15 +21,19 @@ from safetensors.torch import load_file, save_file
 from ..config import AdapterConfig, FreezeSpec, FusionConfig
 from ..errors import AdapterFileError
 from ..layout import Layout
+from .owned import read_owned
 
 FORMAT = "adapterkit"
-# 2 added "layouts"; 3 added fusion sets. A file is written with the oldest version that
-# holds it (3 for a fusion, else 2), so that older readers keep reading plain sets.
-FORMAT_VERSION = 3
+# 2 added "layouts"; 3 added fusion sets; 4 added a set's own modules ("owned"). A file is
+# written with the oldest version that holds it (4 with own modules, 3 for a fusion, else 2),
+# so that older readers keep reading plain sets.
+FORMAT_VERSION = 4
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _FIELDS = {"format", "format_version", "name", "config", "targets", "include", "freeze", "base"}
-_OPTIONAL = {"layouts"}  # absent from version 1 files: the layouts are inferred again
+# layouts: absent from version 1 files (the layouts are inferred again); owned: the set's own
+# modules (adapterkit.own), in version 4 files that have any
+_OPTIONAL = {"layouts", "owned"}
 
 
 def config_json(config: AdapterConfig | FusionConfig) -> dict[str, Any]:
@@ -127,9 +131,11 @@ def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         meta["freeze"] = None if meta["freeze"] is None else FreezeSpec.from_dict(meta["freeze"])
     except (TypeError, ValueError) as err:
         raise AdapterFileError(f"{file}: {err}") from None
-    if not (isinstance(meta["targets"], list) and meta["targets"]
+    meta["owned"] = read_owned(meta.get("owned"), file)
+    if not (isinstance(meta["targets"], list) and (meta["targets"] or meta["owned"])
             and all(isinstance(t, str) for t in meta["targets"])):
-        raise AdapterFileError(f"{file}: 'targets' must be a non-empty list of module names")
+        raise AdapterFileError(f"{file}: 'targets' must be a list of module names, non-empty "
+                               "unless the set owns modules ('owned')")
     meta["layouts"] = read_layouts(meta.get("layouts"), meta["targets"], file)
     return meta
 

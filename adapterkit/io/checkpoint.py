@@ -23,13 +23,15 @@ from ..errors import AdapterFileError
 from ..layout import Layout, infer_layout
 from ..lifecycle import check_not_meta, materialize
 from ..select import closest_names
-from ..surgery import attach
+from ..slot import Owned
+from ..surgery import attach, attach_owned, detach
 from ..tree import (
     adapted_modules,
     candidates,
     is_distributed_wrapper,
     original_class,
     require_sets,
+    set_names,
     set_slots,
 )
 from .adapterfile import (
@@ -43,6 +45,7 @@ from .adapterfile import (
     write_on_rank_zero,
 )
 from .includes import included_modules, module_state, resolve_include
+from .owned import copy_in, describe, expected_shapes, modules_to_load
 
 # -- what a set looks like in a model ------------------------------------------------------
 
@@ -90,12 +93,14 @@ def collect(
     others (``includes.resolve_include``). Every check runs before anything is gathered.
     """
     require_sets(model, name, "save_adapters: ")
-    found = _set_slots(model, name)
+    everything = _set_slots(model, name)  # its own modules' tensors go with its adapters'
+    found = {k: v for k, v in everything.items() if not isinstance(v[1], Owned)}
+    owned = {k: v[1] for k, v in everything.items() if isinstance(v[1], Owned)}
     included = included_modules(model, resolve_include(model, name, include))
     _check_norms(model, included)
     tensors = {
         f"adapters.{key}.{pname}": _gathered(t)
-        for key, (_, adapter) in found.items()
+        for key, (_, adapter) in everything.items()
         for pname, t in adapter.state_dict().items()
     }
     tensors |= {
@@ -103,13 +108,14 @@ def collect(
         for mname, module in included.items()
         for pname, t in module_state(module).items()  # its adapters are saved as sets
     }
-    first_adapter = next(iter(found.values()))[1]
+    first_adapter = next((a for _, a in found.values()), None)
     spec = state.freeze_spec(model)
     meta = {
         "format": FORMAT,
-        "format_version": 3 if isinstance(first_adapter, AdapterFusion) else 2,
+        "format_version": (4 if owned else 3 if isinstance(first_adapter, AdapterFusion)
+                           else 2),
         "name": name,
-        "config": config_json(first_adapter.config),
+        "config": config_json(AdapterConfig() if first_adapter is None else first_adapter.config),
         "targets": list(found),
         # each adapter's width and feature axis: found by inject, maybe on example_inputs
         "layouts": {key: {"d_model": a.d_model, "feature_dim": a.feature_dim}
@@ -124,6 +130,7 @@ def collect(
             # method="fx": the targets are graph sites, which only an FX injection finds again
             **({"graph": True} if state.graph_base(model) is not None else {}),
         },
+        **({"owned": describe(owned)} if owned else {}),
     }
     return meta, tensors
 
@@ -241,7 +248,7 @@ def _check_base(model: nn.Module, meta: dict, file: Path) -> dict[str, nn.Module
 def _layouts(model: nn.Module, meta: dict, name: str, targets: dict[str, nn.Module],
              file: Path) -> dict[str, Layout]:
     """Each target's adapter layout: the injected set's, else the file's, else inferred."""
-    existing = _set_slots(model, name)
+    existing = {k: v for k, v in _set_slots(model, name).items() if not isinstance(v[1], Owned)}
     if existing and set(existing) != set(targets):
         raise AdapterFileError(
             f"set '{name}' is already injected on {sorted(existing)}, but the file adapts "
@@ -292,7 +299,9 @@ def load_set(model: nn.Module, path: Path, name: str | None = None) -> nn.Module
     _check_unsharded(model, path)
     targets = _check_base(model, meta, path / CONFIG_FILE)
     layouts = _layouts(model, meta, name, targets, path / CONFIG_FILE)
+    held, new_owned = modules_to_load(model, name, meta["owned"], path / CONFIG_FILE)
     expected = _expected(model, meta, layouts, path / CONFIG_FILE)
+    expected |= expected_shapes(held, new_owned)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k])
@@ -306,14 +315,25 @@ def load_set(model: nn.Module, path: Path, name: str | None = None) -> nn.Module
             + ". Load it into the model and config it was saved from"
         )
     check_not_meta(model, targets, f"cannot load {path}")
+    new_set = name not in set_names(model)
     if not _set_slots(model, name) and isinstance(meta["config"], FusionConfig):
         add_fusion(model, name, meta["config"], list(targets))
-    elif not _set_slots(model, name):
+    elif targets and not _set_slots(model, name):
         attach(model, lambda qname, _m: qname in targets, meta["config"], name,
                layouts=layouts)
+    if new_owned:
+        try:
+            attach_owned(model, name, new_owned)
+        except BaseException:
+            if new_set:
+                detach(model, [name])  # all or nothing
+            raise
     materialize(model, name)  # adapters made on meta before to_empty: give them memory
+    copy_in(model, name, tensors)
     with torch.no_grad():
         for target, (_, adapter) in _set_slots(model, name).items():
+            if isinstance(adapter, Owned):
+                continue
             for k, t in adapter.state_dict().items():
                 t.copy_(tensors[f"adapters.{target}.{k}"])
             adapter.__dict__[NEEDS_INIT] = False
