@@ -65,7 +65,7 @@ def _base_shapes(module: nn.Module) -> dict[str, list[int]]:
     }
 
 
-def _gathered(t: torch.Tensor) -> torch.Tensor:
+def gathered(t: torch.Tensor) -> torch.Tensor:
     # A sharded parameter (FSDP2 DTensor) is written whole: every rank must take part.
     full = t.full_tensor() if hasattr(t, "full_tensor") else t
     return full.detach().to("cpu").clone().contiguous()
@@ -94,14 +94,14 @@ def collect(
     require_sets(model, name, "save_adapters: ")
     found = _set_slots(model, name)
     included = included_modules(model, resolve_include(model, name, include))
-    _check_norms(model, included)
+    check_norms(model, included)
     tensors = {
-        f"adapters.{key}.{pname}": _gathered(t)
+        f"adapters.{key}.{pname}": gathered(t)
         for key, (_, adapter) in found.items()
         for pname, t in adapter.state_dict().items()
     }
     tensors |= {
-        f"modules.{mname}.{pname}": _gathered(t)
+        f"modules.{mname}.{pname}": gathered(t)
         for mname, module in included.items()
         for pname, t in module_state(module).items()  # its adapters are saved as sets
     }
@@ -147,7 +147,8 @@ def save_set(model: nn.Module, path: Path, name: str, include: Sequence[str] | N
     return write_atomically(path, meta, tensors)
 
 
-def _check_norms(model: nn.Module, included: dict[str, nn.Module]) -> None:
+def check_norms(model: nn.Module, included: dict[str, nn.Module]) -> None:
+    """Refuse a save that leaves out BatchNorm statistics that moved since injection."""
     stale = [name for name in state.norms_updated(model)
              if not any(name == inc or name.startswith(inc + ".") or not inc for inc in included)]
     if stale:
