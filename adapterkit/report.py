@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layout import Layout, adapter_for
 from .config import AdapterConfig
+from .layout import Layout, adapter_for
 from .lifecycle import expand_presets
 from .outputs import as_path, find_hidden
 from .select import Targets

@@ -413,7 +413,7 @@ def load_peft(model: nn.Module, path: Path, name: str | None = None) -> nn.Modul
     attach(model, lambda qname, _m: qname in layouts, found.config, found.name, layouts=layouts)
     materialize(model, found.name)
     with torch.no_grad():
-        for qname, (owner, slot) in set_slots(model, found.name).items():
+        for qname, (_, slot) in set_slots(model, found.name).items():
             adapter = slot[found.name]
             for k, t in found.adapter_state(qname).items():
                 adapter.state_dict()[k].copy_(t)

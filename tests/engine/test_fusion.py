@@ -125,7 +125,8 @@ def test_save_and_load_onto_a_fresh_base(tmp_path, tokens: torch.Tensor) -> None
         adapterkit.save_adapters(model, tmp_path / name, name)
     meta = json.loads((tmp_path / "f" / "adapter_config.json").read_text())
     # the version that added fusion sets (the oldest that holds one), no newer than this reader
-    assert meta["format_version"] == 3 <= FORMAT_VERSION and meta["config"]["fusion"]["sets"] == SETS
+    assert meta["format_version"] == 3 <= FORMAT_VERSION
+    assert meta["config"]["fusion"]["sets"] == SETS
 
     fresh = make_gpt().eval()
     before = snapshot(fresh)
