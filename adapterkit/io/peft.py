@@ -59,9 +59,9 @@ _OTHER_METHODS = {  # keys of PEFT methods whose config may still say LORA (hand
 
 
 def is_peft_config(meta: dict) -> bool:
-    """Whether a parsed ``adapter_config.json`` is PEFT's (it has ``peft_type``) and not
-    adapterkit's (``format``)."""
-    return "peft_type" in meta and "format" not in meta
+    """Whether a parsed ``adapter_config.json`` is PEFT's: it has ``peft_type`` (adapterkit's
+    has ``format``; one with both is refused as neither)."""
+    return "peft_type" in meta
 
 
 # -- the keys of the weights file ------------------------------------------------------------
@@ -117,19 +117,18 @@ def _frame(model: nn.Module, modules: dict[str, nn.Module], keys: _Keys, meta: d
            file: Path) -> Frame:
     """The first reading of PEFT's paths (``peft_names.frames``) under which every module the
     file names is in the model."""
-    tried = frames(model)
     misses = []
-    for frame in tried:
+    for frame in frames(model):
         missing = [p for p in keys.lora if frame.module(p) not in modules]
         missing += [owner(k) for k in keys.params
                     if (key := frame.param(_plain(k))) is None
                     or key.rpartition(".")[0] not in modules]
         if not missing:
             return frame
-        misses.append(missing[0])
+        misses.append(missing)
     saved = (meta.get("auto_mapping") or {}).get("base_model_class")
     origin = f" (PEFT saved it from a {saved})" if isinstance(saved, str) else ""
-    first = misses[0]
+    first = min(misses, key=len)[0]  # of the reading that fits best
     prefix = getattr(model, "base_model_prefix", "")
     raise AdapterFileError(
         f"{file} does not fit this {type(model).__name__}{origin}: it holds weights for module "
