@@ -24,7 +24,6 @@ from tests.ecosystem.peft_cases import (
     PEERS,
     base,
     case,
-    exact_cases,
     folder,
     inputs,
     max_diff,
