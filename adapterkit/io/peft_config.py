@@ -30,7 +30,6 @@ class Option:
     what: str
 
 
-_VARIANT = "a LoRA variant whose forward is not LoRA's branch, which adapterkit does not compute"
 _INIT = "how PEFT initialised the weights; the file holds them as trained"
 _META = "metadata"
 
@@ -67,21 +66,27 @@ OPTIONS: dict[str, Option] = {
     "modules_to_save": Option("read", "the copies' weights load into the modules themselves, "
                                       "which the set includes (save_adapters saves them with "
                                       "it, as include=); eject leaves them loaded"),
-    "init_lora_weights": Option("read", f"{_INIT} (PiSSA, OLoRA, CorDA, LoftQ change the base "
-                                        "at init: load into the base the folder was saved "
-                                        "against, as PEFT needs too); 'mica' is refused: "
-                                        f"{_VARIANT}"),
+    "init_lora_weights": Option("ignored", f"{_INIT} (PiSSA, OLoRA, CorDA, LoftQ change the base "
+                                           "at init: load into the base the folder was saved "
+                                           "against, as PEFT needs too; MiCA's forward is "
+                                           "LoRA's)"),
     "loftq_config": Option("ignored", _INIT),
     "eva_config": Option("ignored", _INIT),
     "corda_config": Option("ignored", _INIT),
     "lora_ga_config": Option("ignored", _INIT),
     "use_dora": Option("refused", "DoRA rescales each output by a learned magnitude over the "
                                   "norm of the merged weight: not an adapter branch"),
-    "velora_config": Option("refused", _VARIANT),
-    "monteclora_config": Option("refused", _VARIANT),
-    "use_bdlora": Option("refused", _VARIANT),
-    "arrow_config": Option("refused", _VARIANT),
-    "kasa_config": Option("refused", _VARIANT),
+    "velora_config": Option("refused", "VeLoRA, a LoRA variant: its eval forward is LoRA's, "
+                                       "its training backward compresses activations; not "
+                                       "checked against PEFT here, so refused, not assumed"),
+    "monteclora_config": Option("refused", "MonteCLoRA, a LoRA variant that samples its weights "
+                                           "(variational Monte Carlo)"),
+    "use_bdlora": Option("refused", "BD-LoRA, a LoRA variant with block-diagonal factors"),
+    "arrow_config": Option("refused", "Arrow, a LoRA variant that routes each token among "
+                                      "several LoRA experts"),
+    "kasa_config": Option("refused", "KaSA, a LoRA variant that truncates the base weight's "
+                                     "smallest singular components and puts a learned "
+                                     "diagonal between A and B"),
     "alora_invocation_tokens": Option("refused", "activated LoRA acts only from the invocation "
                                                  "tokens on, which depends on each input"),
     "use_qalora": Option("refused", "QALoRA pools the input in groups before lora_A"),
@@ -283,8 +288,6 @@ def refuse_options(file: Path, meta: dict) -> None:
                 f"{file} sets {field}={value!r}: {option.what}. adapterkit reads plain LoRA "
                 f"exactly; load this adapter with PEFT itself"
             )
-    if isinstance(meta.get("init_lora_weights"), str) and meta["init_lora_weights"] == "mica":
-        raise AdapterFileError(f"{file} sets init_lora_weights='mica': {_VARIANT}")
 
 
 def read_spec(file: Path, meta: dict) -> LoraSpec:
