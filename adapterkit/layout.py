@@ -65,6 +65,11 @@ class Layout:
     def channels_first(self) -> bool:
         return self.feature_dim != LAST
 
+    def __repr__(self) -> str:
+        own = "".join(f", {k}={getattr(self, k)}" for k in ("d_in", "bottleneck")
+                      if getattr(self, k) is not None)
+        return f"Layout(d_model={self.d_model}, feature_dim={self.feature_dim}{own})"
+
 
 def adapter_for(layout: Layout, config: AdapterConfig, **factory: Any) -> Adapter:
     """The adapter of ``config`` that ``layout`` describes (``factory``: device, dtype)."""
