@@ -40,7 +40,9 @@ class Adapter(nn.Module):
     ``down`` and ``up`` mix the features on axis ``feature_dim`` of ``h`` and act per position
     along every other axis: the last axis of a transformer's hidden state, the channel axis
     (``feature_dim=1``) of a conv output, where they are the 1x1 bottleneck of residual
-    adapters for CNNs (Rebuffi et al. 2017).
+    adapters for CNNs (Rebuffi et al. 2017). A parallel adapter reads the wrapped module's
+    input, of width ``d_in`` (default ``d_model``): on a Linear of another output width, it is
+    LoRA with a bias. ``bottleneck`` overrides the config's width for this one adapter.
 
     Example:
         >>> adapter = Adapter(32, AdapterConfig(bottleneck=8))
@@ -65,17 +67,28 @@ class Adapter(nn.Module):
         config: AdapterConfig | None = None,
         *,
         feature_dim: int = -1,
+        d_in: int | None = None,
+        bottleneck: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         config = config or AdapterConfig()
+        if d_in not in (None, d_model) and config.placement != "parallel":
+            raise ValueError(
+                f"an adapter reads an input of width d_in={d_in} other than its output's "
+                f"d_model={d_model} only as a parallel adapter (placement='parallel'); a "
+                "sequential adapter reads the output it adds to"
+            )
         self.config = config
         self.d_model = d_model
+        self.d_in = d_model if d_in is None else d_in
         self.feature_dim = feature_dim
         dtype = config.torch_dtype or dtype
-        bottleneck = config.bottleneck_for(d_model)
-        self.down = nn.Linear(d_model, bottleneck, device=device, dtype=dtype)
+        # a set read from a file whose modules differ in rank (PEFT's rank_pattern) gives
+        # each adapter its own width; else the config's
+        bottleneck = config.bottleneck_for(d_model) if bottleneck is None else bottleneck
+        self.down = nn.Linear(self.d_in, bottleneck, device=device, dtype=dtype)
         self.act = _ACTIVATIONS[config.activation]()
         self.up = nn.Linear(bottleneck, d_model, device=device, dtype=dtype)
         self.dropout = nn.Dropout(config.dropout)
@@ -113,10 +126,12 @@ class Adapter(nn.Module):
         """
         dim = self.feature_dim
         if not isinstance(x, torch.fx.Proxy) and not (
-            -x.dim() <= dim < x.dim() and x.shape[dim] == self.d_model
+            -x.dim() <= dim < x.dim() and x.shape[dim] == self.d_in
         ):
+            size = (f"d_model={self.d_model}" if self.d_in == self.d_model
+                    else f"d_in={self.d_in}")
             raise ValueError(
-                f"adapter expects inputs of size d_model={self.d_model} on axis {dim}, got "
+                f"adapter expects inputs of size {size} on axis {dim}, got "
                 f"shape {tuple(x.shape)}; pass AdapterConfig(d_model=..., feature_dim=...) "
                 "matching the wrapped module's output"
             )

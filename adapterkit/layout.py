@@ -28,7 +28,8 @@ real output (see ``probe.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import nn
 from torch.nn.modules import activation, dropout, padding, pooling
@@ -46,14 +47,43 @@ LAST = -1
 
 @dataclass(frozen=True)
 class Layout:
-    """The width of a module's output and the axis that carries it."""
+    """The width of a module's output and the axis that carries it; for an adapter that
+    differs from its set's config, also its own input width and bottleneck.
+
+    ``d_in``: the width a parallel adapter reads, the wrapped layer's input, where it is not
+    ``d_model`` (a parallel adapter on a Linear of another output width: LoRA). ``bottleneck``:
+    this adapter's width where it is not the config's (a PEFT file's ``rank_pattern``). None:
+    as the config says.
+    """
 
     d_model: int
     feature_dim: int = LAST
+    d_in: int | None = None
+    bottleneck: int | None = None
 
     @property
     def channels_first(self) -> bool:
         return self.feature_dim != LAST
+
+    def __repr__(self) -> str:
+        own = "".join(f", {k}={getattr(self, k)}" for k in ("d_in", "bottleneck")
+                      if getattr(self, k) is not None)
+        return f"Layout(d_model={self.d_model}, feature_dim={self.feature_dim}{own})"
+
+
+def adapter_for(layout: Layout, config: AdapterConfig, **factory: Any) -> Adapter:
+    """The adapter of ``config`` that ``layout`` describes (``factory``: device, dtype)."""
+    return Adapter(layout.d_model, config, feature_dim=layout.feature_dim, d_in=layout.d_in,
+                   bottleneck=layout.bottleneck, **factory)
+
+
+def layout_of(adapter: Adapter) -> Layout:
+    """The layout that gives ``adapter`` back (``adapter_for``): what a file records."""
+    bottleneck = adapter.down.out_features
+    return Layout(adapter.d_model, adapter.feature_dim,
+                  None if adapter.d_in == adapter.d_model else adapter.d_in,
+                  None if bottleneck == adapter.config.bottleneck_for(adapter.d_model)
+                  else bottleneck)
 
 
 
@@ -191,15 +221,33 @@ def _block(module: nn.Module) -> Found:
     return Found(width, _axis(layers[-1]) if layers else LAST)
 
 
+def linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2): ``y = W x + b`` on the last axis."""
+    return isinstance(module, nn.Linear) or (
+        _size(getattr(module, "nf", None)) is not None
+        and _size(getattr(module, "nx", None)) is not None)
+
+
+def parallel_layout(module: nn.Module, layout: Layout) -> Layout:
+    """``layout`` for a parallel adapter on ``module``: on a Linear-like layer whose input
+    width is not its output's, the adapter reads that input (``d_in``), as LoRA does."""
+    width = _in_width(module)
+    if (layout.d_in is None and linear_like(module) and layout.feature_dim == LAST
+            and width is not None and width != layout.d_model):
+        return replace(layout, d_in=width)
+    return layout
+
+
 def parallel_mismatch(module: nn.Module, layout: Layout) -> str | None:
     """Why a parallel adapter (``module(x) + branch(x)``) cannot sit on this layer, which
-    it can tell by its class: its input is not of the output's shape. None: no reason known."""
+    it can tell by its class: its input is not of the width the adapter reads
+    (``parallel_layout``), or not of the output's shape. None: no reason known."""
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "its input is token indices, not features"
     if not _is_layer(module) or isinstance(module, nn.RNNBase):
         return None
     width = _in_width(module)
-    if width is not None and width != layout.d_model:
+    if width is not None and width != (layout.d_in or layout.d_model):
         return f"its input has width {width} and its output {layout.d_model}"
     if isinstance(module, _ConvNd) and (
         any(s != 1 for s in module.stride) or module.padding == "valid" or (

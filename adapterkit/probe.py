@@ -25,7 +25,15 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .layout import LAST, Found, Layout, LayoutError, axis_error, read_layout
+from .layout import (
+    LAST,
+    Found,
+    Layout,
+    LayoutError,
+    axis_error,
+    parallel_layout,
+    read_layout,
+)
 from .outputs import find_hidden, first_tensor, get_path
 
 log = logging.getLogger(__name__)
@@ -186,17 +194,21 @@ def _one_call(name: str, module: nn.Module, call: Call, config: AdapterConfig,
             f"its layers give width {found.width}, but its output on example_inputs has shape "
             f"{tuple(hidden.shape)}, with size {width} on axis {axis} ({_axis_name(axis)}) and "
             f"{found.width} on another axis"))
+    layout = Layout(width, axis)
     if config.placement == "parallel":
-        _check_parallel(name, call, hidden)
-    return Layout(width, axis)
+        layout = parallel_layout(module, layout)
+        _check_parallel(name, call, hidden, layout)
+    return layout
 
 
 def _axis_name(axis: int) -> str:
     return "the last" if axis == LAST else "the channel axis by its layers"
 
 
-def _check_parallel(name: str, call: Call, hidden: torch.Tensor) -> None:
-    if call.x is None or tuple(call.x.shape) != tuple(hidden.shape):
+def _check_parallel(name: str, call: Call, hidden: torch.Tensor, layout: Layout) -> None:
+    # a Linear-like layer's input may differ from its output on the last axis (parallel_layout)
+    want = (*hidden.shape[:-1], layout.d_in) if layout.d_in is not None else hidden.shape
+    if call.x is None or tuple(call.x.shape) != tuple(want):
         got = "no tensor input" if call.x is None else f"input of shape {tuple(call.x.shape)}"
         raise ValueError(
             f"module '{name}' takes {got} and returns shape {tuple(hidden.shape)} on "

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Adapter
 from .config import AdapterConfig
+from .layout import Layout, adapter_for
 from .lifecycle import expand_presets
 from .outputs import as_path, find_hidden
 from .select import Targets
@@ -206,13 +206,13 @@ def plan(
             else _static_kind(module, config))
         rows.append(PlanRow(qname, original_class(module).__name__, layout.d_model,
                             layout.feature_dim, output, adapts,
-                            _adapter_params(layout.d_model, config), found_by))
+                            _adapter_params(layout, config), found_by))
     listed = tuple(targets) if isinstance(targets, (list, tuple)) else (targets,)
     return Plan(listed, config, tuple(rows))
 
 
-def _adapter_params(d_model: int, config: AdapterConfig) -> int:
-    return sum(p.numel() for p in Adapter(d_model, config, device="meta").parameters())
+def _adapter_params(layout: Layout, config: AdapterConfig) -> int:
+    return sum(p.numel() for p in adapter_for(layout, config, device="meta").parameters())
 
 
 # -- output kind without running: the forward's return annotation ------------------------------

@@ -180,8 +180,8 @@ class AdapterSlot(nn.ModuleDict):
                 f"module '{self.target_name}' was called without a tensor argument, so the "
                 f"parallel adapter of set '{name}' has no input; use placement='sequential'"
             )
-        self._check(name, adapter, x, "input")
-        if not isinstance(x, torch.fx.Proxy) and x.shape != hidden.shape:
+        self._check(name, adapter, x, "input", adapter.d_in)
+        if not isinstance(x, torch.fx.Proxy) and _as_output(x, adapter) != hidden.shape:
             raise ValueError(
                 f"module '{self.target_name}' takes an input of shape {tuple(x.shape)} and "
                 f"returns {tuple(hidden.shape)}: the parallel adapter of set '{name}' adds a "
@@ -206,16 +206,18 @@ class AdapterSlot(nn.ModuleDict):
         h_n = h_n + _final_state_delta(self.rnn, seq, delta, h_n)
         return new_seq, ((h_n, state[1]) if self.rnn.lstm else h_n)
 
-    def _check(self, name: str, adapter: Adapter, t: torch.Tensor, what: str) -> None:
+    def _check(self, name: str, adapter: Adapter, t: torch.Tensor, what: str,
+               width: int | None = None) -> None:
         if isinstance(t, torch.fx.Proxy):
             return  # being traced by torch.fx: no shape yet, and no branching on one
-        dim = adapter.feature_dim
-        if not -t.dim() <= dim < t.dim() or t.shape[dim] != adapter.d_model:
+        dim, width = adapter.feature_dim, adapter.d_model if width is None else width
+        if not -t.dim() <= dim < t.dim() or t.shape[dim] != width:
             size = f"size {t.shape[dim]} on axis {dim}" if -t.dim() <= dim < t.dim() else (
                 f"no axis {dim} (shape {tuple(t.shape)})")
+            has = f"d_model={width}" if what == "output" else f"an input width of {width}"
             raise ValueError(
                 f"module '{self.target_name}' {what}s {size}, but the adapter of set "
-                f"'{name}' has d_model={adapter.d_model} there; inject with "
+                f"'{name}' has {has} there; inject with "
                 f"AdapterConfig(d_model=..., feature_dim=...) matching the {what}, pass "
                 "example_inputs=... to inject so that they are read off a real output, or "
                 "choose a target whose output is the hidden state"
@@ -273,6 +275,14 @@ def _replayed(slot: AdapterSlot, plan: Any) -> Any:
         return plan
     # a recompute: a slot that did not run in the forward (injected since) runs nothing
     return plans.replay(slot) if plans is not None and slot in plans.calls else ()
+
+
+def _as_output(x: torch.Tensor, adapter: Adapter) -> torch.Size:
+    """The shape of a parallel adapter's branch of input ``x``: ``x``'s, with ``d_model``
+    features (a Linear's input and output differ only there)."""
+    shape = list(x.shape)
+    shape[adapter.feature_dim] = adapter.d_model
+    return torch.Size(shape)
 
 
 def _final_state_delta(rnn: RNNState, seq: Any, delta: torch.Tensor,

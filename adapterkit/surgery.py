@@ -20,9 +20,8 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from . import state
-from .adapter import Adapter
 from .config import AdapterConfig
-from .layout import Layout, infer_layout, parallel_mismatch
+from .layout import Layout, adapter_for, infer_layout, parallel_layout, parallel_mismatch
 from .probe import Call, observe, observed_layout
 from .select import select_modules
 from .slot import SLOT, AdapterSlot, Owned, RNNState
@@ -228,6 +227,8 @@ def resolve(
         found = {q: Target(m, observed_layout(q, m, calls[q], config, model), calls[q])
                  for q, m in chosen.items()}
     if config.placement == "parallel":
+        found = {q: t._replace(layout=parallel_layout(t.module, t.layout))
+                 for q, t in found.items()}
         for qname, (module, layout, _) in found.items():
             if why := parallel_mismatch(module, layout):
                 raise ValueError(
@@ -249,8 +250,7 @@ def attach(
     check_set_name(model, name)
     resolved = resolve(model, targets, config, example_inputs=example_inputs, layouts=layouts)
     new_adapters = {
-        qname: Adapter(layout.d_model, config, feature_dim=layout.feature_dim,
-                       **factory_kwargs(module, model)).train(module.training)
+        qname: adapter_for(layout, config, **factory_kwargs(module, model)).train(module.training)
         for qname, (module, layout, _) in resolved.items()
     }
     # Everything that can fail has been checked: change the model now.

@@ -104,10 +104,10 @@ def _check_module(qname: str, module: nn.Module, adapter: Adapter, name: str,
         )
     out_dim, in_dim = weight.shape if kind == "linear" else weight.shape[::-1]
     parallel = adapter.config.placement == "parallel"
-    if out_dim != adapter.d_model or (parallel and in_dim != adapter.d_model):
+    if out_dim != adapter.d_model or in_dim != (adapter.d_in if parallel else in_dim):
         raise ValueError(
             f"cannot merge set '{name}' into '{qname}': the module maps {in_dim} -> {out_dim} "
-            f"features but the adapter's d_model is {adapter.d_model}"
+            f"features but the adapter maps {adapter.d_in} -> {adapter.d_model}"
         )
     return kind
 
@@ -162,7 +162,7 @@ def _merged_weights(module: nn.Module, adapter: Adapter, kind: str
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The new weight and bias in float64; the bias is None where none is needed."""
     down, up, s = adapter.down, adapter.up, adapter.scaling
-    m = s * (up.weight.double() @ down.weight.double())  # (d, d): branch(v) = m v + c
+    m = s * (up.weight.double() @ down.weight.double())  # (out, in): branch(v) = m v + c
     c = s * (up.weight.double() @ down.bias.double() + up.bias.double())
     w = module.weight.detach().double()
     b = None if module.bias is None else module.bias.detach().double()

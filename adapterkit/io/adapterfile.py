@@ -24,10 +24,15 @@ from ..layout import Layout
 from .owned import read_owned
 
 FORMAT = "adapterkit"
-# 2 added "layouts"; 3 added fusion sets; 4 added a set's own modules ("owned"). A file is
-# written with the oldest version that holds it (4 with own modules, 3 for a fusion, else 2),
-# so that older readers keep reading plain sets.
-FORMAT_VERSION = 4
+# 2 added "layouts"; 3 added fusion sets; 4 added a set's own modules ("owned"); 5 added a
+# layout's own "d_in" and "bottleneck" (a parallel adapter on a Linear of another output width;
+# per-module ranks). A file is written with the oldest version that holds it (5 where a layout
+# has those, 4 with own modules, 3 for a fusion, else 2), so that older readers keep reading
+# what they can.
+FORMAT_VERSION = 5
+LAYOUT_VERSION = 5  # the first version whose layouts may hold "d_in" and "bottleneck"
+_LAYOUT_FIELDS = {"d_model", "feature_dim"}
+_LAYOUT_EXTRA = {"d_in", "bottleneck"}
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _FIELDS = {"format", "format_version", "name", "config", "targets", "include", "freeze", "base"}
@@ -136,26 +141,37 @@ def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             and all(isinstance(t, str) for t in meta["targets"])):
         raise AdapterFileError(f"{file}: 'targets' must be a list of module names, non-empty "
                                "unless the set owns modules ('owned')")
-    meta["layouts"] = read_layouts(meta.get("layouts"), meta["targets"], file)
+    meta["layouts"] = read_layouts(meta.get("layouts"), meta["targets"], file, version)
     return meta
 
 
-def read_layouts(raw: object, targets: list[str], file: Path) -> dict[str, Layout] | None:
+def layout_json(layout: Layout) -> dict[str, int]:
+    """A layout as the file holds it: ``d_in`` and ``bottleneck`` only where they are set."""
+    extra = {k: getattr(layout, k) for k in sorted(_LAYOUT_EXTRA) if getattr(layout, k)}
+    return {"d_model": layout.d_model, "feature_dim": layout.feature_dim, **extra}
+
+
+def read_layouts(raw: object, targets: list[str], file: Path,
+                 version: int = FORMAT_VERSION) -> dict[str, Layout] | None:
     if raw is None:
         return None
+    allowed = _LAYOUT_FIELDS | (_LAYOUT_EXTRA if version >= LAYOUT_VERSION else set())
 
     def valid(entry: object) -> bool:
-        return (isinstance(entry, dict) and set(entry) == {"d_model", "feature_dim"}
+        return (isinstance(entry, dict) and _LAYOUT_FIELDS <= set(entry) <= allowed
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in entry.values())
-                and entry["d_model"] > 0)
+                and all(entry[k] > 0 for k in entry if k != "feature_dim"))
 
     if not isinstance(raw, dict) or set(raw) != set(targets) or not all(
             valid(v) for v in raw.values()):
+        extra = (", and from version 4 on optionally \"d_in\": int > 0, \"bottleneck\": "
+                 "int > 0" if version >= LAYOUT_VERSION else "")
         raise AdapterFileError(
             f"{file}: 'layouts' must map every target to {{\"d_model\": int > 0, "
-            "\"feature_dim\": int}}"
+            f"\"feature_dim\": int{extra}}}"
         )
-    return {t: Layout(v["d_model"], v["feature_dim"]) for t, v in raw.items()}
+    return {t: Layout(v["d_model"], v["feature_dim"], v.get("d_in"), v.get("bottleneck"))
+            for t, v in raw.items()}
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from ..adapter import NEEDS_INIT, Adapter
 from ..compose.fusion import AdapterFusion, add_fusion, fusion_layout
 from ..config import AdapterConfig, FusionConfig
 from ..errors import AdapterFileError
-from ..layout import Layout, infer_layout
+from ..layout import Layout, adapter_for, infer_layout, layout_of
 from ..lifecycle import check_not_meta, materialize
 from ..select import closest_names
 from ..slot import Owned
@@ -37,8 +37,10 @@ from ..tree import (
 from .adapterfile import (
     CONFIG_FILE,
     FORMAT,
+    LAYOUT_VERSION,
     WEIGHTS_FILE,
     config_json,
+    layout_json,
     read_adapter_config,
     read_tensors,
     write_atomically,
@@ -66,7 +68,7 @@ def _base_shapes(module: nn.Module) -> dict[str, list[int]]:
     }
 
 
-def _gathered(t: torch.Tensor) -> torch.Tensor:
+def gathered(t: torch.Tensor) -> torch.Tensor:
     # A sharded parameter (FSDP2 DTensor) is written whole: every rank must take part.
     full = t.full_tensor() if hasattr(t, "full_tensor") else t
     return full.detach().to("cpu").clone().contiguous()
@@ -97,29 +99,30 @@ def collect(
     found = {k: v for k, v in everything.items() if not isinstance(v[1], Owned)}
     owned = {k: v[1] for k, v in everything.items() if isinstance(v[1], Owned)}
     included = included_modules(model, resolve_include(model, name, include))
-    _check_norms(model, included)
+    check_norms(model, included)
     tensors = {
-        f"adapters.{key}.{pname}": _gathered(t)
+        f"adapters.{key}.{pname}": gathered(t)
         for key, (_, adapter) in everything.items()
         for pname, t in adapter.state_dict().items()
     }
     tensors |= {
-        f"modules.{mname}.{pname}": _gathered(t)
+        f"modules.{mname}.{pname}": gathered(t)
         for mname, module in included.items()
         for pname, t in module_state(module).items()  # its adapters are saved as sets
     }
     first_adapter = next((a for _, a in found.values()), None)
     spec = state.freeze_spec(model)
+    # each adapter's width and feature axis: found by inject, maybe on example_inputs
+    layouts = {key: layout_json(_layout(a)) for key, (_, a) in found.items()}
+    own = any(set(entry) - {"d_model", "feature_dim"} for entry in layouts.values())
     meta = {
         "format": FORMAT,
-        "format_version": (4 if owned else 3 if isinstance(first_adapter, AdapterFusion)
-                           else 2),
+        "format_version": LAYOUT_VERSION if own else (
+            4 if owned else 3 if isinstance(first_adapter, AdapterFusion) else 2),
         "name": name,
         "config": config_json(AdapterConfig() if first_adapter is None else first_adapter.config),
         "targets": list(found),
-        # each adapter's width and feature axis: found by inject, maybe on example_inputs
-        "layouts": {key: {"d_model": a.d_model, "feature_dim": a.feature_dim}
-                    for key, (_, a) in found.items()},
+        "layouts": layouts,
         "include": list(included),
         "freeze": spec.to_dict() if spec is not None else None,
         "base": {
@@ -135,6 +138,12 @@ def collect(
     return meta, tensors
 
 
+def _layout(adapter: nn.Module) -> Layout:
+    if isinstance(adapter, Adapter):
+        return layout_of(adapter)
+    return Layout(adapter.d_model, adapter.feature_dim)  # a fusion's, of its sets' outputs
+
+
 def save_set(model: nn.Module, path: Path, name: str, include: Sequence[str] | None) -> Path:
     """Write set ``name`` (and the modules ``include`` selects) to directory ``path``
     atomically; under ``torch.distributed``, rank 0 writes once every rank gathered."""
@@ -144,7 +153,8 @@ def save_set(model: nn.Module, path: Path, name: str, include: Sequence[str] | N
     return write_atomically(path, meta, tensors)
 
 
-def _check_norms(model: nn.Module, included: dict[str, nn.Module]) -> None:
+def check_norms(model: nn.Module, included: dict[str, nn.Module]) -> None:
+    """Refuse a save that leaves out BatchNorm statistics that moved since injection."""
     stale = [name for name in state.norms_updated(model)
              if not any(name == inc or name.startswith(inc + ".") or not inc for inc in included)]
     if stale:
@@ -255,7 +265,7 @@ def _layouts(model: nn.Module, meta: dict, name: str, targets: dict[str, nn.Modu
             f"{sorted(targets)}; load under another name=..."
         )
     if existing:
-        return {t: Layout(a.d_model, a.feature_dim) for t, (_, a) in existing.items()}
+        return {t: _layout(a) for t, (_, a) in existing.items()}
     if isinstance(meta["config"], FusionConfig):  # a fusion takes the layout of its sets
         slots = {key: slot for key, _, slot in adapted_modules(model)}
         return {t: Layout(*_fusion_layout(slots.get(t, {}), meta["config"], t, file))
@@ -269,10 +279,11 @@ def _expected(
     model: nn.Module, meta: dict, layouts: dict[str, Layout], file: Path
 ) -> dict[str, torch.Size]:
     config: AdapterConfig | FusionConfig = meta["config"]
-    make = AdapterFusion if isinstance(config, FusionConfig) else Adapter
+    fusion = isinstance(config, FusionConfig)
     shapes: dict[str, torch.Size] = {}
     for target, layout in layouts.items():
-        probe = make(layout.d_model, config, device="meta")  # type: ignore[arg-type]
+        probe = (AdapterFusion(layout.d_model, config, device="meta") if fusion  # type: ignore[arg-type]
+                 else adapter_for(layout, config, device="meta"))  # type: ignore[arg-type]
         shapes |= {f"adapters.{target}.{k}": v.shape for k, v in probe.state_dict().items()}
     for mname, module in _saved_includes(model, meta["include"], file).items():
         shapes |= {f"modules.{mname}.{k}": v.shape for k, v in module_state(module).items()}

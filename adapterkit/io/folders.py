@@ -1,21 +1,74 @@
 """The public save and load: which kind of folder a path is, and the code that reads it.
 
-``load_adapters`` takes a folder written by ``save_adapters`` (one set, ``checkpoint.py``), or a
-model folder whose ``save_pretrained`` held adapters (every set, ``bundle.py``).
+``load_adapters`` takes a folder written by ``save_adapters`` (one set, ``checkpoint.py``), a
+model folder whose ``save_pretrained`` held adapters (every set, ``bundle.py``), or a peer's
+adapter folder (PEFT's LoRA, ``peft.py``). The kinds of folder with an ``adapter_config.json``
+are the rows of ``FORMATS``: each says how to tell its config and how to load it, so that a
+new one is one row.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 from torch import nn
 
+from ..errors import AdapterFileError
 from ..tree import set_names, unwrapped, wrapper_chain
-from .adapterfile import CONFIG_FILE, read_adapter_config
+from .adapterfile import CONFIG_FILE, FORMAT, read_adapter_config
 from .bundle import SUBDIR, is_bundle, load_bundle, read_index
 from .checkpoint import load_set, save_set
+from .peft import is_peft_config, load_peft
+from .peft import set_names_of as peft_set_names
+from .peft_write import save_peft
+
+
+class Format(NamedTuple):
+    """A kind of adapter folder ``load_adapters`` reads, told by its ``adapter_config.json``."""
+
+    name: str
+    expects: str  # what its config holds, for the error that lists every kind
+    recognise: Callable[[dict], bool]
+    load: Callable[[nn.Module, Path, str | None], object]
+    new_sets: Callable[[Path, str | None], Iterable[str]]  # the set names loading would use
+
+
+def _adapterkit_sets(path: Path, name: str | None) -> list[str]:
+    return [read_adapter_config(path)["name"] if name is None else name]
+
+
+FORMATS: tuple[Format, ...] = (
+    Format("adapterkit", f'"format": "{FORMAT}" (adapterkit.save_adapters)',
+           lambda meta: meta.get("format") == FORMAT, load_set, _adapterkit_sets),
+    Format("PEFT", '"peft_type" (PEFT\'s save_pretrained; LoRA is read)', is_peft_config,
+           load_peft, peft_set_names),
+)
+
+
+def folder_format(path: Path) -> Format:
+    """The row of ``FORMATS`` whose config ``path/adapter_config.json`` is.
+
+    Raises:
+        AdapterFileError: the file is not JSON, or no row (or more than one) recognises it;
+            the message names the file and what each kind of folder holds.
+    """
+    file = path / CONFIG_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{file} is damaged: not valid JSON ({err})") from None
+    found = [f for f in FORMATS if isinstance(meta, dict) and f.recognise(meta)]
+    if len(found) == 1:
+        return found[0]
+    fields = sorted(meta)[:8] if isinstance(meta, dict) else type(meta).__name__
+    expected = "; ".join(f"{f.name}: {f.expects}" for f in FORMATS)
+    what = (f"looks like more than one kind ({', '.join(f.name for f in found)})" if found
+            else f"is no adapter config this adapterkit reads (it has {fields})")
+    raise AdapterFileError(f"{file} {what}; expected exactly one of: {expected}")
 
 
 def save_adapters(
@@ -23,8 +76,14 @@ def save_adapters(
     path: str | os.PathLike[str],
     name: str = "default",
     include: Sequence[str] | None = None,
+    format: Literal["adapterkit", "peft"] = "adapterkit",
 ) -> Path:
     """Write adapter set ``name`` (and the modules ``include`` selects) to directory ``path``.
+
+    ``format="peft"`` writes PEFT's LoRA folder instead (what ``PeftModel.from_pretrained``
+    and LoRA serving engines load), for a set of identity-activation adapters on Linear or
+    Conv1D layers; the included modules become ``modules_to_save``. A set PEFT cannot
+    express exactly is refused with the reason (see ``docs/interop-peft.md``).
 
     ``include`` names modules saved with the set, such as a head trained beside the adapters
     (an included module's own adapters stay out: sets are saved as sets). The default,
@@ -45,7 +104,8 @@ def save_adapters(
     Raises:
         ValueError: set ``name`` is not in the model; ``include`` selects nothing; the freeze
             spec trains modules outside the file (``include=None``); BatchNorm statistics
-            moved that the file would not hold. Nothing is written then.
+            moved that the file would not hold; ``format="peft"`` for a set PEFT cannot
+            express; an unknown ``format``. Nothing is written then.
 
     Example:
         >>> import tempfile, torch, adapterkit
@@ -55,8 +115,12 @@ def save_adapters(
         >>> sorted(p.name for p in out.iterdir())
         ['adapter_config.json', 'adapter_model.safetensors']
     """
+    writers = {"adapterkit": save_set, "peft": save_peft}
+    if format not in writers:
+        raise ValueError(f"save_adapters: format must be one of {sorted(writers)}, got "
+                         f"{format!r}")
     # names and base class are those of the model itself, not of a wrapper around it
-    return save_set(unwrapped(model), Path(path), name, include)
+    return writers[format](unwrapped(model), Path(path), name, include)
 
 
 def load_adapters(
@@ -64,7 +128,11 @@ def load_adapters(
 ) -> nn.Module:
     """Load a saved adapter set into ``model``, injecting it first if it is not there.
 
-    ``name`` renames the set (default: the saved name). Weights are cast to the dtype and
+    ``path`` is a folder ``save_adapters`` wrote, a model folder whose ``save_pretrained``
+    held adapters (every set), or PEFT's LoRA folder (``adapter_config.json`` with
+    ``peft_type``), which loads as a set of identity-activation parallel adapters named after
+    the folder (see ``docs/interop-peft.md``). ``name`` renames the set (default: the saved
+    name). Weights are cast to the dtype and
     device of the adapters they load into. A model under ``torch.compile`` gets the set in
     the model inside, and is returned as given. Every check (format, config, base
     fingerprint, keys, shapes) runs before the model changes; on any error the model is as it
@@ -89,23 +157,26 @@ def load_adapters(
     """
     path, chain = Path(path), wrapper_chain(model)
     inner, bundle = chain[-1], not (path / CONFIG_FILE).exists() and is_bundle(path)
+    kind = None if bundle else (
+        folder_format(path) if (path / CONFIG_FILE).exists() else FORMATS[0])
     if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in chain):
-        _check_no_new_set(inner, path, name, bundle)
-    if bundle:
+        _check_no_new_set(inner, path, name, kind)
+    if kind is None:
         load_bundle(inner, path, name)  # a folder written by save_pretrained
     else:
-        load_set(inner, path, name)
+        kind.load(inner, path, name)
     return model
 
 
-def _check_no_new_set(model: nn.Module, path: Path, name: str | None, bundle: bool) -> None:
+def _check_no_new_set(model: nn.Module, path: Path, name: str | None,
+                      kind: Format | None) -> None:
     """DDP's reducer knows the parameters it was built with: a set injected into the model
     inside it would train on each rank apart, its gradients never averaged."""
-    if bundle:
+    if kind is None:
         saved = read_index(path / SUBDIR)["sets"]
         names = [name] if name is not None and len(saved) == 1 else saved
     else:
-        names = [read_adapter_config(path)["name"] if name is None else name]
+        names = list(kind.new_sets(path, name))
     new = [n for n in names if n not in set_names(model)]
     if new:
         raise ValueError(

@@ -232,10 +232,6 @@ def bad_inputs(root: Path, tiny_model: Path, files: tuple[Path, Path]
         "train without val": (["--train", train], "give both --train and --val"),
         "bad targets": (["--model", str(tiny_model), "--train", train, "--val", val,
                          "--targets", "nosuchmodule"], "--targets nosuchmodule: "),
-        # BERT's feed-forward output layer takes the intermediate width, not the hidden size
-        "parallel on bert": (["--model", str(tiny_model), "--train", train, "--val", val,
-                              "--placement", "parallel"],
-                             "its input has width 64 and its output 32"),
     }
 
 
@@ -243,7 +239,7 @@ def bad_inputs(root: Path, tiny_model: Path, files: tuple[Path, Path]
                                   "wrong --label-column", "one label only", "empty csv",
                                   "empty jsonl", "unknown val label", "not an object",
                                   "model without weights", "model dir missing",
-                                  "train without val", "bad targets", "parallel on bert"])
+                                  "train without val", "bad targets"])
 def test_bad_input_one_line_exit_2(case: str, tiny_model: Path, files: tuple[Path, Path],
                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args, phrase = bad_inputs(tmp_path, tiny_model, files)[case]

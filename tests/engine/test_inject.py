@@ -354,13 +354,22 @@ def test_width_mismatch_is_caught_at_the_first_forward(gpt, tokens):
         gpt(tokens)
 
 
-def test_parallel_width_mismatch_is_refused_at_inject():
-    model = nn.Sequential(nn.Linear(4, 6))
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"target '0' \(Linear\) cannot take a parallel adapter"
-                                         r", .*: its input has width 4 and its output 6"):
-        adapterkit.inject(model, ["0"], AdapterConfig(placement="parallel"))
-    assert_same(model, snap)
+@pytest.mark.parametrize("example", [False, True])
+def test_parallel_on_a_linear_of_another_width_reads_its_input(example):
+    """On Linear(4, 6) a parallel adapter maps the 4 input features to the 6 output ones
+    (LoRA with a bias); a sequential one on the same layer adapts the 6 outputs."""
+    model = nn.Sequential(nn.Linear(4, 6)).eval()
+    x = torch.randn(3, 4)
+    base = model(x)
+    config = AdapterConfig(placement="parallel", bottleneck=2, init="normal", init_std=0.3)
+    adapterkit.inject(model, ["0"], config, example_inputs=(x,) if example else None)
+    adapter = adapterkit.adapters(model)["0"]
+    assert (adapter.d_in, adapter.d_model) == (4, 6)
+    assert adapter.down.weight.shape == (2, 4) and adapter.up.weight.shape == (6, 2)
+    assert torch.allclose(model(x), base + adapter.branch(x))
+    assert not torch.allclose(model(x), base)
+    with pytest.raises(ValueError, match="only as a parallel adapter"):
+        adapterkit.Adapter(6, AdapterConfig(), d_in=4)
 
 
 @pytest.mark.parametrize(("conv", "why"), [
