@@ -279,18 +279,7 @@ def _set_name(path: Path, name: str | None) -> str:
     return path.name
 
 
-def read_config(path: Path) -> dict:
-    file = path / CONFIG_FILE
-    meta = json.loads(file.read_text())  # the dispatcher in folders.py parsed it already
-    return meta
-
-
-def plan(model: nn.Module, path: Path, name: str | None = None) -> Plan:
-    """Read and check a PEFT LoRA folder against ``model``; change nothing."""
-    file = path / CONFIG_FILE
-    meta = read_config(path)
-    spec = read_spec(file, meta)
-    set_name = _set_name(path, name)
+def _read_keys(path: Path) -> _Keys:
     weights = path / WEIGHTS_FILE
     if not weights.is_file() and (path / "adapter_model.bin").is_file():
         raise AdapterFileError(
@@ -298,23 +287,38 @@ def plan(model: nn.Module, path: Path, name: str | None = None) -> Plan:
             "files: re-save it with PEFT's save_pretrained(..., safe_serialization=True) (the "
             "default), which writes adapter_model.safetensors"
         )
-    keys = _split_keys(read_tensors(path), weights)
-    modules = dict(candidates(model))
-    frame = _frame(model, modules, keys, meta, weights)
+    return _split_keys(read_tensors(path), weights)
+
+
+def _check_modules(model: nn.Module, modules: dict[str, nn.Module], frame: Frame, keys: _Keys,
+                   path: Path) -> None:
+    """The modules the file names have memory, and its LoRA layers are Linear or Conv1D."""
     named = [*map(frame.module, keys.lora),
              *(frame.param(_plain(k)).rpartition(".")[0] for k in keys.params)]  # type: ignore[union-attr]
     check_not_meta(model, {q: modules[q] for q in named}, f"cannot load {path}")  # type: ignore[index]
     for peft_path in keys.lora:
-        if (err := kind_error(peft_path, modules[frame.module(peft_path)], weights)):  # type: ignore[index]
+        if err := kind_error(peft_path, modules[frame.module(peft_path)],  # type: ignore[index]
+                             path / WEIGHTS_FILE):
             raise err
-    check_targets(spec, model, frame, keys.lora, meta, file)
-    include = _includes(spec, keys.params, frame, modules, weights)
-    found: dict[str, _Module] = {}
+
+
+def _lora_modules(modules: dict[str, nn.Module], frame: Frame, keys: _Keys, spec: LoraSpec,
+                  file: Path) -> dict[str, _Module]:
+    """An adapter for every LoRA layer, its own trained bias (bias="lora_only"/"all") folded
+    in; the bias keys it uses leave ``keys.params``."""
+    found = {}
     for peft_path, parts in keys.lora.items():
         qname: str = frame.module(peft_path)  # type: ignore[assignment]
         saved = keys.params.pop(f"{peft_path}.base_layer.bias", None)
-        delta = None if saved is None else _delta(peft_path, modules[qname], saved, weights)
-        found[qname] = _lora_module(peft_path, modules[qname], parts, spec, delta, weights)
+        delta = None if saved is None else _delta(peft_path, modules[qname], saved, file)
+        found[qname] = _lora_module(peft_path, modules[qname], parts, spec, delta, file)
+    return found
+
+
+def _bias_modules(modules: dict[str, nn.Module], frame: Frame, keys: _Keys,
+                  file: Path) -> dict[str, _Module]:
+    """A zero-weight adapter for every other bias the file changes (bias="all")."""
+    found = {}
     for key, saved in keys.params.items():
         path = _owner(key)
         qname = frame.param(_plain(key)).rpartition(".")[0]  # type: ignore[union-attr]
@@ -324,11 +328,28 @@ def plan(model: nn.Module, path: Path, name: str | None = None) -> Plan:
                     "calls base_layer.*" if path in keys.lora else "neither a bias nor in "
                     "modules_to_save; an adapter cannot put it in place without changing the "
                     "base")
-            raise AdapterFileError(f"{weights} sets '{key}': {what}")
-        if (why := _bias_owner_error(path, modules[qname], weights)) is not None:
+            raise AdapterFileError(f"{file} sets '{key}': {what}")
+        if (why := _bias_owner_error(path, modules[qname], file)) is not None:
             raise AdapterFileError(why)
-        if (delta := _delta(path, modules[qname], saved, weights)) is not None:
+        if (delta := _delta(path, modules[qname], saved, file)) is not None:
             found[qname] = _bias_module(modules[qname], delta)
+    return found
+
+
+def plan(model: nn.Module, path: Path, name: str | None = None) -> Plan:
+    """Read and check a PEFT LoRA folder against ``model``; change nothing."""
+    file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    meta = json.loads(file.read_text())  # folders.folder_format parsed it already
+    spec = read_spec(file, meta)
+    set_name = _set_name(path, name)
+    keys = _read_keys(path)
+    modules = dict(candidates(model))
+    frame = _frame(model, modules, keys, meta, weights)
+    _check_modules(model, modules, frame, keys, path)
+    check_targets(spec, model, frame, keys.lora, meta, file)
+    include = _includes(spec, keys.params, frame, modules, weights)
+    found = _lora_modules(modules, frame, keys, spec, weights)
+    found |= _bias_modules(modules, frame, keys, weights)
     if not any(m.lora for m in found.values()):
         raise AdapterFileError(f"{weights} holds no LoRA weights; a PEFT LoRA folder holds "
                                "base_model.model.<module>.lora_A.weight and .lora_B.weight")
