@@ -114,6 +114,14 @@ def save_adapters(
         >>> out = adapterkit.save_adapters(model, tempfile.mkdtemp() + "/a", include=["1"])
         >>> sorted(p.name for p in out.iterdir())
         ['adapter_config.json', 'adapter_model.safetensors']
+        >>> lora = adapterkit.AdapterConfig(bottleneck=2, activation="identity",
+        ...                                 placement="parallel")
+        >>> _ = adapterkit.inject(model, ["1"], lora, name="lora")
+        >>> out = adapterkit.save_adapters(model, tempfile.mkdtemp() + "/lora", "lora",
+        ...                                format="peft")
+        >>> import json; meta = json.loads((out / "adapter_config.json").read_text())
+        >>> meta["peft_type"], meta["r"], meta["target_modules"]
+        ('LORA', 2, ['1'])
     """
     writers = {"adapterkit": save_set, "peft": save_peft}
     if format not in writers:

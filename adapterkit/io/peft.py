@@ -28,12 +28,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
 
 from .. import state
 from ..adapter import NEEDS_INIT
@@ -46,8 +45,8 @@ from ..surgery import attach
 from ..tree import candidates, set_slots
 from .adapterfile import CONFIG_FILE, WEIGHTS_FILE, read_tensors
 from .includes import module_state
-from .peft_config import EMBEDDING, LoraSpec, conv_lora, read_spec
-from .peft_names import Frame, frames
+from .peft_config import EMBEDDING, LoraSpec, read_spec
+from .peft_names import Frame, check_targets, frames, kind_error
 
 PREFIX = "base_model.model."
 _SET_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -71,15 +70,11 @@ def is_peft_config(meta: dict) -> bool:
 class _Keys:
     """The file's tensors by what they are, with PEFT's module paths (prefix removed)."""
 
-    lora: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # A, B, bias
+    lora: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # A, B, B.bias
     params: dict[str, torch.Tensor] = field(default_factory=dict)  # base parameters it sets
 
-    def modules(self) -> list[str]:
-        """Every module path the keys name (a parameter's owner)."""
-        return [*self.lora, *(owner(k) for k in self.params)]
 
-
-def owner(key: str) -> str:
+def _owner(key: str) -> str:
     """The module a parameter key belongs to (a LoRA layer's ``base_layer`` is the module)."""
     return key.rpartition(".")[0].removesuffix(".base_layer")
 
@@ -120,7 +115,7 @@ def _frame(model: nn.Module, modules: dict[str, nn.Module], keys: _Keys, meta: d
     misses = []
     for frame in frames(model):
         missing = [p for p in keys.lora if frame.module(p) not in modules]
-        missing += [owner(k) for k in keys.params
+        missing += [_owner(k) for k in keys.params
                     if (key := frame.param(_plain(k))) is None
                     or key.rpartition(".")[0] not in modules]
         if not missing:
@@ -147,71 +142,11 @@ def _plain(key: str) -> str:
 # -- which modules, with what ----------------------------------------------------------------
 
 
-def _kind_error(path: str, module: nn.Module, file: Path) -> AdapterFileError | None:
-    cls = type(module).__name__
-    if linear_like(module):
-        return None
-    if isinstance(module, nn.Embedding):
-        what = EMBEDDING
-    elif isinstance(module, _ConvNd):
-        what = conv_lora(cls)
-    else:
-        what = f"LoRA on a {cls}"
-    return AdapterFileError(
-        f"{file} puts {what} on '{path}'; adapterkit reads LoRA on nn.Linear and transformers' "
-        "Conv1D only, where it is exactly a parallel adapter. Load this adapter with PEFT itself"
-    )
-
-
 def _widths(module: nn.Module) -> tuple[int, int]:
     """(in, out) of a Linear-like layer."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     return module.nx, module.nf  # type: ignore[return-value]
-
-
-def _all_linear(spec: LoraSpec, model: nn.Module, names: dict[str, str]) -> tuple[str, ...]:
-    """PEFT's 'all-linear': every Linear and Conv1D, less the output embedding (or, for
-    task_type SEQ_CLS, the classifier)."""
-    modules = dict(candidates(model))
-    out = {p for p, q in names.items() if linear_like(modules[q])}
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    if head is None and spec.task_type == "SEQ_CLS":
-        head = next((getattr(model, n) for n in ("score", "classifier")
-                     if isinstance(getattr(model, n, None), nn.Module)), None)
-    return tuple(p for p in out if head is None or modules[names[p]] is not head)
-
-
-def _check_targets(spec: LoraSpec, model: nn.Module, frame: Frame, keys: _Keys,
-                   meta: dict, file: Path) -> None:
-    """The modules PEFT's config selects are those the file holds LoRA weights for: PEFT
-    would give a selected module without weights fresh ones, and ignore weights of a module
-    it does not select. Where names were renamed since transformers 4, only the file's own
-    modules can be checked (the old names of the others are not known)."""
-    wanted = meta.get("target_modules")
-    if wanted is None:
-        return  # PEFT's per-architecture default: the file's keys say which modules
-    modules = dict(candidates(model))
-    names = {p: q for q in modules if (p := frame.to_peft(q)) is not None}
-    if isinstance(wanted, str) and wanted.lower() == "all-linear":
-        if frame.rename is not None:
-            return
-        spec = replace(spec, target_modules=_all_linear(spec, model, names))
-    selected = [p for p in names if spec.targets(p)]
-    for path in selected:
-        if (err := _kind_error(path, modules[names[path]], file)) is not None:
-            raise err
-    unweighted = [p for p in selected if p not in keys.lora]
-    unmatched = [p for p in keys.lora if not spec.targets(p)]
-    if unweighted or unmatched:
-        raise AdapterFileError(
-            f"{file} does not fit its own config on this model: "
-            + "; ".join(part for part in (
-                f"target_modules etc. select {unweighted[:4]}, which the weights file has no "
-                "LoRA weights for (PEFT would give them fresh ones)" if unweighted else "",
-                f"the weights file has LoRA weights for {unmatched[:4]}, which the config does "
-                "not select (PEFT would ignore them)" if unmatched else "") if part)
-        )
 
 
 @dataclass
@@ -232,6 +167,8 @@ def _lora_module(path: str, module: nn.Module, parts: dict[str, torch.Tensor], s
     a, b, bias = parts.get("A"), parts.get("B"), parts.get("B.bias")
     r = spec.rank(path)
     where = f"{file}: module '{path}'"
+    if set(parts) - {"A", "B", "B.bias"}:
+        raise AdapterFileError(f"{where} has lora_A.bias, which PEFT's LoRA does not have")
     if a is None or b is None:
         raise AdapterFileError(f"{where} has only {sorted(parts)} of lora_A.weight and "
                                "lora_B.weight")
@@ -342,18 +279,7 @@ def _set_name(path: Path, name: str | None) -> str:
     return path.name
 
 
-def read_config(path: Path) -> dict:
-    file = path / CONFIG_FILE
-    meta = json.loads(file.read_text())  # the dispatcher in folders.py parsed it already
-    return meta
-
-
-def plan(model: nn.Module, path: Path, name: str | None = None) -> Plan:
-    """Read and check a PEFT LoRA folder against ``model``; change nothing."""
-    file = path / CONFIG_FILE
-    meta = read_config(path)
-    spec = read_spec(file, meta)
-    set_name = _set_name(path, name)
+def _read_keys(path: Path) -> _Keys:
     weights = path / WEIGHTS_FILE
     if not weights.is_file() and (path / "adapter_model.bin").is_file():
         raise AdapterFileError(
@@ -361,22 +287,40 @@ def plan(model: nn.Module, path: Path, name: str | None = None) -> Plan:
             "files: re-save it with PEFT's save_pretrained(..., safe_serialization=True) (the "
             "default), which writes adapter_model.safetensors"
         )
-    keys = _split_keys(read_tensors(path), weights)
-    modules = dict(candidates(model))
-    frame = _frame(model, modules, keys, meta, weights)
+    return _split_keys(read_tensors(path), weights)
+
+
+def _check_modules(model: nn.Module, modules: dict[str, nn.Module], frame: Frame, keys: _Keys,
+                   path: Path) -> None:
+    """The modules the file names have memory, and its LoRA layers are Linear or Conv1D."""
+    named = [*map(frame.module, keys.lora),
+             *(frame.param(_plain(k)).rpartition(".")[0] for k in keys.params)]  # type: ignore[union-attr]
+    check_not_meta(model, {q: modules[q] for q in named}, f"cannot load {path}")  # type: ignore[index]
     for peft_path in keys.lora:
-        if (err := _kind_error(peft_path, modules[frame.module(peft_path)], weights)):  # type: ignore[index]
+        if err := kind_error(peft_path, modules[frame.module(peft_path)],  # type: ignore[index]
+                             path / WEIGHTS_FILE):
             raise err
-    _check_targets(spec, model, frame, keys, meta, file)
-    include = _includes(spec, keys.params, frame, modules, weights)
-    found: dict[str, _Module] = {}
+
+
+def _lora_modules(modules: dict[str, nn.Module], frame: Frame, keys: _Keys, spec: LoraSpec,
+                  file: Path) -> dict[str, _Module]:
+    """An adapter for every LoRA layer, its own trained bias (bias="lora_only"/"all") folded
+    in; the bias keys it uses leave ``keys.params``."""
+    found = {}
     for peft_path, parts in keys.lora.items():
         qname: str = frame.module(peft_path)  # type: ignore[assignment]
         saved = keys.params.pop(f"{peft_path}.base_layer.bias", None)
-        delta = None if saved is None else _delta(peft_path, modules[qname], saved, weights)
-        found[qname] = _lora_module(peft_path, modules[qname], parts, spec, delta, weights)
+        delta = None if saved is None else _delta(peft_path, modules[qname], saved, file)
+        found[qname] = _lora_module(peft_path, modules[qname], parts, spec, delta, file)
+    return found
+
+
+def _bias_modules(modules: dict[str, nn.Module], frame: Frame, keys: _Keys,
+                  file: Path) -> dict[str, _Module]:
+    """A zero-weight adapter for every other bias the file changes (bias="all")."""
+    found = {}
     for key, saved in keys.params.items():
-        path = owner(key)
+        path = _owner(key)
         qname = frame.param(_plain(key)).rpartition(".")[0]  # type: ignore[union-attr]
         if ".base_layer." in key or path in keys.lora or not key.endswith(".bias"):
             what = ("a LoRA layer's base_layer where the file has no LoRA weights"
@@ -384,11 +328,28 @@ def plan(model: nn.Module, path: Path, name: str | None = None) -> Plan:
                     "calls base_layer.*" if path in keys.lora else "neither a bias nor in "
                     "modules_to_save; an adapter cannot put it in place without changing the "
                     "base")
-            raise AdapterFileError(f"{weights} sets '{key}': {what}")
-        if (why := _bias_owner_error(path, modules[qname], weights)) is not None:
+            raise AdapterFileError(f"{file} sets '{key}': {what}")
+        if (why := _bias_owner_error(path, modules[qname], file)) is not None:
             raise AdapterFileError(why)
-        if (delta := _delta(path, modules[qname], saved, weights)) is not None:
+        if (delta := _delta(path, modules[qname], saved, file)) is not None:
             found[qname] = _bias_module(modules[qname], delta)
+    return found
+
+
+def plan(model: nn.Module, path: Path, name: str | None = None) -> Plan:
+    """Read and check a PEFT LoRA folder against ``model``; change nothing."""
+    file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    meta = json.loads(file.read_text())  # folders.folder_format parsed it already
+    spec = read_spec(file, meta)
+    set_name = _set_name(path, name)
+    keys = _read_keys(path)
+    modules = dict(candidates(model))
+    frame = _frame(model, modules, keys, meta, weights)
+    _check_modules(model, modules, frame, keys, path)
+    check_targets(spec, model, frame, keys.lora, meta, file)
+    include = _includes(spec, keys.params, frame, modules, weights)
+    found = _lora_modules(modules, frame, keys, spec, weights)
+    found |= _bias_modules(modules, frame, keys, weights)
     if not any(m.lora for m in found.values()):
         raise AdapterFileError(f"{weights} holds no LoRA weights; a PEFT LoRA folder holds "
                                "base_model.model.<module>.lora_A.weight and .lora_B.weight")
@@ -406,8 +367,6 @@ def load_peft(model: nn.Module, path: Path, name: str | None = None) -> nn.Modul
     """Load PEFT LoRA folder ``path`` into ``model`` as one set (see ``load_adapters``)."""
     found = plan(model, path, name)
     modules = dict(candidates(model))
-    check_not_meta(model, {q: modules[q] for q in [*found.modules, *found.include]},
-                   f"cannot load {path}")
     layouts = {q: m.layout for q, m in found.modules.items()}
     attach(model, lambda qname, _m: qname in layouts, found.config, found.name, layouts=layouts)
     materialize(model, found.name)

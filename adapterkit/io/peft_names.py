@@ -1,4 +1,5 @@
-"""Where the module paths of a PEFT folder are in the model it is loaded into.
+"""Where the module paths of a PEFT folder are in the model it is loaded into, and which of
+the model's modules PEFT's config selects.
 
 PEFT names a module by its path in the model PEFT was given (``base_model.model.<path>``). The
 model ``load_adapters`` gets may be that model, the same with a head around it (PEFT had
@@ -17,12 +18,17 @@ transformers.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
-from ..tree import is_pretrained
+from ..errors import AdapterFileError
+from ..layout import linear_like
+from ..tree import candidates, is_pretrained
+from .peft_config import EMBEDDING, LoraSpec, conv_lora
 
 
 def _join(prefix: str, rest: str) -> str:
@@ -99,3 +105,67 @@ def frames(model: nn.Module) -> list[Frame]:
     if rename is not None:
         found += [Frame(f.peft, f.model, rename) for f in found]
     return found
+
+
+# -- which modules PEFT's config selects -------------------------------------------------
+
+
+def kind_error(path: str, module: nn.Module, file: Path) -> AdapterFileError | None:
+    """Why LoRA on ``module`` is not an adapter's branch (None: a Linear or Conv1D)."""
+    cls = type(module).__name__
+    if linear_like(module):
+        return None
+    if isinstance(module, nn.Embedding):
+        what = EMBEDDING
+    elif isinstance(module, _ConvNd):
+        what = conv_lora(cls)
+    else:
+        what = f"LoRA on a {cls}"
+    return AdapterFileError(
+        f"{file} puts {what} on '{path}'; adapterkit reads LoRA on nn.Linear and transformers' "
+        "Conv1D only, where it is exactly a parallel adapter. Load this adapter with PEFT itself"
+    )
+
+
+def _all_linear(spec: LoraSpec, model: nn.Module, names: dict[str, str]) -> tuple[str, ...]:
+    """PEFT's 'all-linear': every Linear and Conv1D, less the output embedding (or, for
+    task_type SEQ_CLS, the classifier)."""
+    modules = dict(candidates(model))
+    out = {p for p, q in names.items() if linear_like(modules[q])}
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is None and spec.task_type == "SEQ_CLS":
+        head = next((getattr(model, n) for n in ("score", "classifier")
+                     if isinstance(getattr(model, n, None), nn.Module)), None)
+    return tuple(p for p in out if head is None or modules[names[p]] is not head)
+
+
+def check_targets(spec: LoraSpec, model: nn.Module, frame: Frame, weighted: Collection[str],
+                  meta: dict, file: Path) -> None:
+    """The modules PEFT's config selects are those the file holds LoRA weights for: PEFT
+    would give a selected module without weights fresh ones, and ignore weights of a module
+    it does not select. Where names were renamed since transformers 4, only the file's own
+    modules can be checked (the old names of the others are not known)."""
+    wanted = meta.get("target_modules")
+    if wanted is None:
+        return  # PEFT's per-architecture default: the file's keys say which modules
+    modules = dict(candidates(model))
+    names = {p: q for q in modules if (p := frame.to_peft(q)) is not None}
+    if isinstance(wanted, str) and wanted.lower() == "all-linear":
+        if frame.rename is not None:
+            return
+        spec = replace(spec, target_modules=_all_linear(spec, model, names))
+    selected = [p for p in names if spec.targets(p)]
+    for path in selected:
+        if (err := kind_error(path, modules[names[path]], file)) is not None:
+            raise err
+    unweighted = [p for p in selected if p not in weighted]
+    unmatched = [p for p in weighted if not spec.targets(p)]
+    if unweighted or unmatched:
+        raise AdapterFileError(
+            f"{file} does not fit its own config on this model: "
+            + "; ".join(part for part in (
+                f"target_modules etc. select {unweighted[:4]}, which the weights file has no "
+                "LoRA weights for (PEFT would give them fresh ones)" if unweighted else "",
+                f"the weights file has LoRA weights for {unmatched[:4]}, which the config does "
+                "not select (PEFT would ignore them)" if unmatched else "") if part)
+        )

@@ -10,9 +10,11 @@ layer ``y = W x + b`` (transformers' ``Conv1D`` stores ``W`` transposed):
   ``B = U``, ``lora_B.bias = U (D b + d) + u``.
 
 PEFT's scaling is ``alpha / r`` per module, so ``lora_alpha = S r`` (``rank_pattern`` and
-``alpha_pattern`` where an adapter's width differs from the most common one). An adapter whose
-branch is a constant (zero weights: a bias difference, as a PEFT folder with ``bias="all"``
-loads) on a Linear, Conv1D or LayerNorm is written as that module's new bias (``bias="all"``).
+``alpha_pattern`` where an adapter's width differs from the most common one). Every adapter on
+a Linear or Conv1D is a LoRA module (one that only adds a constant too: zero ``A`` or ``B`` and
+a ``lora_B.bias``). An adapter whose branch is a constant on a LayerNorm (a bias difference, as
+a PEFT folder with ``bias="all"`` loads) is written as the LayerNorm's new bias
+(``bias="all"``).
 The set's included modules are written as ``modules_to_save``. Products are formed in
 float64 and rounded once to the adapter's dtype. Every check runs before anything is written.
 """
@@ -101,9 +103,9 @@ def _lora(module: nn.Module, adapter: Adapter) -> _Lora:
 
 
 def _new_bias(module: nn.Module, adapter: Adapter) -> torch.Tensor | None:
-    """The module's bias with a constant branch folded in, where it has a bias the branch
-    adds to (a Linear, Conv1D or LayerNorm of the output's width)."""
-    if not (linear_like(module) or isinstance(module, nn.LayerNorm)):
+    """A LayerNorm's bias with a constant branch folded in (None: not a LayerNorm with a
+    bias of the output's width)."""
+    if not isinstance(module, nn.LayerNorm):
         return None
     own = _own_bias(module, adapter.d_model)
     if own is None:
@@ -181,17 +183,17 @@ def collect_peft(model: nn.Module, name: str, include: Sequence[str] | None = No
         adapter = slot[name]
         _check_adapter(name, qname, module, adapter)
         dtypes[qname] = adapter.down.weight.dtype
-        if _constant(adapter) and (bias := _new_bias(module, adapter)) is not None:
-            biases[qname] = bias
-        elif linear_like(module):
+        if linear_like(module):
             loras[qname] = _lora(module, adapter)
+        elif _constant(adapter) and (bias := _new_bias(module, adapter)) is not None:
+            biases[qname] = bias
         else:
             raise _refuse(name, f"'{qname}' is a {original_class(module).__name__}, not a "
                                 "Linear (nor transformers' Conv1D): PEFT's LoRA there is not "
                                 "an adapter's branch")
     if not loras:
-        raise _refuse(name, "none of its adapters is a LoRA (each adds a constant only), and "
-                            "a PEFT LoRA folder needs at least one")
+        raise _refuse(name, "none of its adapters is on a Linear or Conv1D layer, and a PEFT "
+                            "LoRA folder needs at least one")
     overlap = [q for q in [*loras, *biases] for m in included
                if q == m or q.startswith(m + ".")]
     if overlap:

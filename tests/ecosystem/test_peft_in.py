@@ -192,6 +192,11 @@ BAD = [
      r"lora_bias is True but lora_B.bias is absent"),
     ("half a LoRA", lambda p: _drop_keys(p, "layer.1.attention.self.query.lora_B"),
      r"module 'encoder.layer.1.attention.self.query' has only \['A'\]"),
+    ("a bias on lora_A", lambda p: save_file(
+        {**load_file(str(p / "adapter_model.safetensors")),
+         "base_model.model.encoder.layer.0.attention.self.query.lora_A.bias": torch.ones(4)},
+        str(p / "adapter_model.safetensors")),
+     r"module 'encoder.layer.0.attention.self.query' has lora_A.bias"),
     ("not PEFT keys", lambda p: save_file({"encoder.x.lora_A.weight": torch.zeros(2, 2)},
                                           str(p / "adapter_model.safetensors")),
      r"has key 'encoder.x.lora_A.weight', which is not a PEFT key"),
@@ -256,3 +261,12 @@ def test_the_docs_table_lists_every_option_as_the_code_treats_it() -> None:
     page = (Path(__file__).resolve().parents[2] / "docs" / "interop-peft.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| (read|ignored|refused) \|", page, re.M))
     assert rows == {name: option.treatment for name, option in OPTIONS.items()}
+
+
+def test_a_base_on_the_meta_device_is_refused() -> None:
+    config = base("bert_lora_list").config
+    with torch.device("meta"):
+        model = t.BertModel(config)
+    with pytest.raises(ValueError, match="into a model on the meta device"):
+        adapterkit.load_adapters(model, folder("bert_lora_list"))
+    assert adapterkit.adapters(model) == {}

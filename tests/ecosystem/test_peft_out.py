@@ -203,3 +203,16 @@ def test_a_compiled_model_writes_the_folder_of_the_model_inside(tmp_path: Path) 
     keys = json.loads((path / "adapter_config.json").read_text())["target_modules"]
     assert keys == ["h.0.attn.c_attn", "h.1.attn.c_attn"]  # no _orig_mod.
     assert (peft_outputs(base, path) - ours(model)).abs().max() <= TOLERANCE
+
+
+def test_an_untrained_set_is_lora_with_a_zero_b(tmp_path: Path) -> None:
+    """At injection (up = 0) every adapter adds nothing: still a LoRA module each, as PEFT's
+    own fresh LoRA (B = 0), and PEFT computes the base's outputs."""
+    base = gpt2()
+    model = copy.deepcopy(base)
+    linear = AdapterConfig(bottleneck=4, activation="identity", placement="parallel")
+    adapterkit.inject(model, ["c_attn", "c_fc"], linear, name="s")
+    path = adapterkit.save_adapters(model, tmp_path / "lora", "s", format="peft")
+    meta = json.loads((path / "adapter_config.json").read_text())
+    assert len(meta["target_modules"]) == 4 and meta["lora_bias"] is False
+    assert torch.equal(peft_outputs(base, path), ours(base))
