@@ -30,6 +30,7 @@ import adapterkit
 
 from .classify import (
     REGIMES,
+    SET,
     Classifier,
     Encoded,
     OnEval,
@@ -43,7 +44,6 @@ from .classify import (
     pooled_features,
     predict,
     train_run,
-    trainable_entries,
 )
 from .data import DataError
 from .finetune_results import plot_curves, results_table, summarise
@@ -161,22 +161,38 @@ def _features(model: Classifier, train: Encoded, val: Encoded,
 
 def save_and_reload(run: Run, fresh: Callable[[], nn.Module], task: Task, val: Encoded,
                     recipe: Recipe, out: Path) -> dict[str, Any]:
-    """Save the run's adapters, LayerNorms and head; reload into a fresh base; compare.
+    """Save the run's set (its adapters and its own LayerNorms and head); reload it into a
+    fresh base; compare.
 
     ``matches``: the reloaded model predicts the same class for every validation text, so
     the accuracy is the same too.
     """
     assert run.model is not None
-    include = [e for e in trainable_entries(run.model, "adapters", recipe) if e != "adapters"]
-    path = adapterkit.save_adapters(run.model, out / "adapters", include=include)
-    (out / "adapters" / "labels.json").write_text(json.dumps(list(task.labels)) + "\n")
+    return save_task(run.model, SET, fresh, task, val, out / "adapters")
+
+
+def save_task(model: Classifier, name: str, fresh: Callable[[], nn.Module], task: Task,
+              val: Encoded, where: Path) -> dict[str, Any]:
+    """Save set ``name`` of ``model`` (the LayerNorms and head it owns go with it: no
+    ``include=``) and the task's labels to ``where``; load it alone into a fresh base and
+    compare the predictions on ``val`` with ``model``'s, set ``name`` alone active."""
+    adapterkit.set_active(model, [name])
+    path = adapterkit.save_adapters(model, where, name=name)
+    (where / "labels.json").write_text(json.dumps(list(task.labels)) + "\n")
     reloaded = Classifier(fresh(), len(task.labels))
     adapterkit.load_adapters(reloaded, path)
-    before, after = predict(run.model, val), predict(reloaded, val)
+    before, after = predict(model, val), predict(reloaded, val)
     trained, again = accuracy(before, val.labels), accuracy(after, val.labels)
-    return {"path": str(path), "include": include, "accuracy_trained": trained,
-            "accuracy_reloaded": again, "same_predictions": bool(torch.equal(before, after)),
+    return {"path": str(path), "include": [], "owned": owned_modules(path),
+            "accuracy_trained": trained, "accuracy_reloaded": again,
+            "same_predictions": bool(torch.equal(before, after)),
             "matches": trained == again and bool(torch.equal(before, after))}
+
+
+def owned_modules(path: Path) -> list[str]:
+    """The modules a saved set owns, as its ``adapter_config.json`` lists them."""
+    meta = json.loads((Path(path) / "adapter_config.json").read_text())
+    return sorted(meta.get("owned", {}))
 
 
 # -- the command -----------------------------------------------------------------------------
