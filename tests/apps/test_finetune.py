@@ -311,3 +311,36 @@ def test_a_file_saved_the_old_way_with_include_still_loads(tiny_model: Path,
     mask = torch.ones_like(x)
     model.eval()
     assert torch.equal(fresh(x, mask), model(x, mask))
+
+
+def test_owned_copies_train_exactly_as_the_base_modules_trained_before(
+        tiny_model: Path, files: tuple[Path, Path]) -> None:
+    """The single-task run is the same as before sets owned modules: the copies start as the
+    modules are, draw no random numbers, and train with the same rates, so a run that trains
+    the base's own LayerNorms and head (the old way) gives the same losses and accuracies."""
+    from adapterkit.apps.classify import (
+        Recipe,
+        build,
+        encode,
+        load_encoder,
+        pooled_features,
+        train_run,
+    )
+    from adapterkit.apps.textdata import read_task
+
+    fresh, tokenizer = load_encoder(tiny_model)
+    task = read_task(*files)
+    train, val = (encode(tokenizer, [t for t, _ in p], task.ids(p), 48)
+                  for p in (task.train, task.val))
+    recipe = Recipe(steps=6, bottleneck=4, evals=3)
+    new = build("adapters", fresh, 2, recipe, 0)
+    torch.manual_seed(0)
+    old = Classifier(fresh(), 2)
+    adapterkit.inject(old.encoder, "auto", recipe.adapter_config())
+    norms = [n for n, m in old.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    adapterkit.freeze(old, train=["adapters", "head", *norms])
+    features = tuple(pooled_features(new, d) for d in (train, val))
+    runs = [train_run("adapters", m, train, val, recipe, 0, features=features)
+            for m in (new, old)]
+    assert runs[0].curve == runs[1].curve and runs[0].loss_curve == runs[1].loss_curve
+    assert (runs[0].trainable, runs[0].total) == (runs[1].trainable, runs[1].total)
