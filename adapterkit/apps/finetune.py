@@ -273,8 +273,13 @@ def load_tasks(args: argparse.Namespace) -> list[tuple[str, Task]]:
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
         raise DataError(f"--task {twice} is given twice; give each task a name of its own")
-    return [(name, read_task(train, val, args.text_column, args.label_column))
-            for name, train, val in args.task]
+    tasks = []
+    for name, train, val in args.task:
+        try:
+            tasks.append((name, read_task(train, val, args.text_column, args.label_column)))
+        except DataError as err:  # it names --train / --val: say which task's file it is
+            raise DataError(f"--task {name}: {err}") from None
+    return tasks
 
 
 def finetune_tasks(args: argparse.Namespace, recipe: Recipe, out: Path, bar: Bar,

@@ -128,7 +128,9 @@ def test_task_flags_refuse_mixing_with_train_and_other_regimes(
     cases = {("--train", str(train), "--val", str(val)): "not both",
              ("--regimes", "full"): "--regimes adapters only",
              ("--task", "topic", str(train), str(val)): "given twice",
-             ("--task", "adapters", str(train), str(val)): "not 'adapters'"}
+             ("--task", "adapters", str(train), str(val)): "not 'adapters'",
+             ("--task", "third", str(train), str(tmp_path / "nope.csv")):
+                 "--task third: --val " + str(tmp_path / "nope.csv") + ": no such file"}
     for extra, phrase in cases.items():
         code = cli.main(["finetune", "--no-progress", *task_args(two_tasks), *extra,
                          "--out", str(tmp_path / "out")])
