@@ -3,7 +3,9 @@
 Three regimes, each from the same pretrained weights, with the same batches for a given seed:
 
 - ``adapters``: adapters in the encoder (``targets``, default ``"auto"``), the LayerNorms and the
-  head train; every other weight is frozen (Houlsby et al. 2019);
+  head train; every other weight is frozen (Houlsby et al. 2019). The LayerNorms and the head
+  that train are the set's own copies (``adapterkit.own``), so the set's file carries them and
+  the base's modules never change: a saved task cannot be loaded without its head;
 - ``full``: every parameter trains (full fine-tuning);
 - ``head``: the head alone, on the frozen encoder's pooled features, which are computed once.
 
@@ -28,6 +30,7 @@ from torch import nn
 import adapterkit
 
 from ..config import AdapterConfig
+from ..slot import Owned
 from .data import DataError
 
 Regime = Literal["adapters", "full", "head"]
@@ -260,25 +263,50 @@ class Run:
     model: Classifier | None = field(default=None, repr=False)
 
 
+SET = "default"  # the adapter set of a single-task run
+
+
 def build(regime: Regime, fresh_encoder: Callable[[], nn.Module], num_labels: int,
           recipe: Recipe, seed: int) -> Classifier:
     """The classifier of a regime, adapters injected and parameters frozen as it says."""
     torch.manual_seed(seed)
     model = Classifier(fresh_encoder(), num_labels)
     if regime == "adapters":
-        targets: Any = recipe.targets[0] if len(recipe.targets) == 1 else list(recipe.targets)
-        adapterkit.inject(model.encoder, targets, recipe.adapter_config())
+        add_task_set(model, SET, recipe)
     if regime != "full":
         adapterkit.freeze(model, train=trainable_entries(model, regime, recipe))
     return model
 
 
+def add_task_set(model: Classifier, name: str, recipe: Recipe,
+                 head: nn.Module | None = None) -> None:
+    """Set ``name``: adapters in the encoder, and its own LayerNorms (with
+    ``recipe.train_norms``) and head, copies of the model's (``head``: a replacement, such as
+    a head with another number of labels). The set is left active, the only one."""
+    targets: Any = recipe.targets[0] if len(recipe.targets) == 1 else list(recipe.targets)
+    adapterkit.set_active(model, [])
+    adapterkit.inject(model.encoder, targets, recipe.adapter_config(), name=name)
+    adapterkit.own(model, "head" if head is None else {"head": head}, name=name)
+    if recipe.train_norms:
+        adapterkit.own(model, nn.LayerNorm, name=name)
+    adapterkit.set_active(model, [name])
+
+
 def trainable_entries(model: Classifier, regime: Regime, recipe: Recipe) -> list[str]:
-    """Freeze-spec entries of what trains besides the adapters: the head, maybe LayerNorms."""
+    """Freeze-spec entries of what trains: the head alone, or the adapter set, which holds its
+    own copies of the head and (with ``recipe.train_norms``) of the LayerNorms."""
     if regime == "head":
         return ["head"]
-    norms = [name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
-    return ["adapters", "head", *(norms if recipe.train_norms else [])]
+    return [f"adapters:{SET}"]
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of ``model`` as one set runs it: a set's own copy of a
+    module replaces one of the same size, so the copies count once, as trainable."""
+    owned = {id(p) for m in model.modules() if isinstance(m, Owned) for p in m.parameters()}
+    total = sum(p.numel() for p in model.parameters() if id(p) not in owned)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
 
 
 def _optimizer(model: Classifier, params: list[nn.Parameter], regime: Regime,
@@ -333,8 +361,8 @@ def train_run(regime: Regime, model: Classifier, train: Encoded, val: Encoded, r
     start = time.perf_counter()
     if regime != "head" and recipe.probe:
         assert features is not None, "recipe.probe needs the frozen encoder's features"
-        _fit(model, model.head.parameters(), order[:probe_steps], recipe, train, features[0],
-             "head")
+        _fit(model, [p for p in model.head.parameters() if p.requires_grad],
+             order[:probe_steps], recipe, train, features[0], "head")
     order = order[:steps]
     on_features = features[0] if regime == "head" else None
     # at step 0 the encoder is the frozen base (adapters start as the identity), so the
@@ -346,8 +374,7 @@ def train_run(regime: Regime, model: Classifier, train: Encoded, val: Encoded, r
                features if regime == "head" else None, on_step, on_eval)
     curve = start_point + fit.curve
     seconds = time.perf_counter() - start
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, total = parameter_counts(model)
     return Run(regime, seed, curve[-1][1], curve, fit.losses, trainable, total, steps, seconds,
                sorted(fit.times)[len(fit.times) // 2], model)
 

