@@ -329,7 +329,8 @@ def finetune_tasks(args: argparse.Namespace, recipe: Recipe, out: Path, bar: Bar
     say(f"\nvalidation accuracy per task over {args.seeds} seed(s), one base, batches mixing "
         "the tasks:")
     say(results_table({name: s["adapters"] for name, s in summaries.items()})
-        .replace("regime ", "task   ", 1))
+        .replace("regime ", "task   ", 1)
+        .replace("the regime's runs", "the run of all the tasks together"))
     out.mkdir(parents=True, exist_ok=True)
     reloads = {}
     trained = runs[data[0].name][0].model
