@@ -63,6 +63,28 @@ def interleaved(
     return times
 
 
+def interleaved_clocks(
+    variants: dict[str, Callable[[], None]], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``interleaved`` with one call a round, timed on two clocks: wall and CPU seconds.
+
+    CPU time (``time.process_time``: this process, all its threads) counts the work done and
+    not the waiting for a core; with OMP_WAIT_POLICY=PASSIVE idle threads sleep rather than
+    spin, so they add nothing to it. Where wall-clock and CPU-time ratios agree, load from
+    elsewhere hit every variant alike.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            w, c = time.perf_counter(), time.process_time()
+            variants[name]()
+            cpu[name].append(time.process_time() - c)
+            wall[name].append(time.perf_counter() - w)
+    return wall, cpu
+
+
 def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     """The median over rounds of num/den: robust to rounds that load from elsewhere slowed."""
     return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))

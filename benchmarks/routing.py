@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,21 +84,6 @@ def variants(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], 
     return {"base": base, "one set": one_set, "routed": routed, "4 forwards": separate}
 
 
-def interleaved(variants: dict[str, Callable[[], None]], rounds: int
-                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall-clock and CPU seconds of each variant per round, variants alternating."""
-    wall: dict[str, list[float]] = {v: [] for v in variants}
-    cpu: dict[str, list[float]] = {v: [] for v in variants}
-    names = list(variants)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            w0, c0 = time.perf_counter(), time.process_time()
-            variants[name]()
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
-    return wall, cpu
-
-
 def both(wall: dict[str, list[float]], cpu: dict[str, list[float]], num: str, den: str,
          bold: bool = False) -> str:
     """``wall / CPU`` median ratios of ``num`` over ``den``."""
@@ -147,7 +131,7 @@ def main() -> None:
             fns = variants(model, x)
             for fn in fns.values():  # warm-up
                 fn()
-            times, cpu = interleaved(fns, rounds=rounds)
+            times, cpu = common.interleaved_clocks(fns, rounds=rounds)
         ratio = {v: common.median_ratio(times, "routed", v) for v in ["one set", "4 forwards"]}
         rows.append([
             kind,

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import common  # noqa: F401  (sets OMP_WAIT_POLICY before torch is imported)
+import common  # first: it sets OMP_WAIT_POLICY before torch is imported
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,26 +173,6 @@ def build(spec: ModelDef, variant: str, quick: bool) -> nn.Module:
     return model
 
 
-def interleaved(variants: dict[str, Callable[[], None]], rounds: int) -> tuple[dict, dict]:
-    """``common.interleaved`` with one call a round, timed on two clocks: wall and CPU.
-
-    CPU time (``time.process_time``: this process, all its threads) counts the work done and
-    not the waiting for a core; with OMP_WAIT_POLICY=PASSIVE idle threads sleep rather than
-    spin, so they add nothing to it. Where wall-clock and CPU-time ratios agree, load from
-    elsewhere hit every variant alike.
-    """
-    wall: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            w, c = time.perf_counter(), time.process_time()
-            variants[name]()
-            cpu[name].append(time.process_time() - c)
-            wall[name].append(time.perf_counter() - w)
-    return wall, cpu
-
-
 def hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).last_hidden_state
 
@@ -275,7 +255,7 @@ def call_overhead(spec: ModelDef, rounds: int = 30) -> dict[str, float]:
 
     for m in models.values():
         forward(m)()
-    _, cpu = interleaved({v: forward(m) for v, m in models.items()}, rounds)
+    _, cpu = common.interleaved_clocks({v: forward(m) for v, m in models.items()}, rounds)
     torch.set_num_threads(2)
     med = {v: statistics.median(t) / 5 for v, t in cpu.items()}
     return {v: 1e6 * (med[v] - med["hand"]) / n for v in ("adapterkit", "adapterhub")}
@@ -312,7 +292,7 @@ def measure(model: str, rounds: int, rss_steps: int, quick: bool) -> dict:
     trainers = {v: Trainer(build(spec, v, quick), ids, labels) for v in VARIANTS}
     for t in trainers.values():  # warm-up: first calls allocate and fill caches
         t.step()
-    steps, steps_cpu = interleaved({v: t.step for v, t in trainers.items()}, rounds)
+    steps, steps_cpu = common.interleaved_clocks({v: t.step for v, t in trainers.items()}, rounds)
     print(f"  training rounds done in {time.perf_counter() - start:.0f} s", flush=True)
     by_phase = {v: [trainers[v].phases() for _ in range(PHASE_STEPS)]
                 for v in ("full", "adapterkit", "hand")}
@@ -327,7 +307,7 @@ def measure(model: str, rounds: int, rss_steps: int, quick: bool) -> dict:
 
     for t in trainers.values():
         t.model.eval()
-    infer, infer_cpu = interleaved({("base" if v == "full" else v): forward(t.model)
+    infer, infer_cpu = common.interleaved_clocks({("base" if v == "full" else v): forward(t.model)
                                     for v, t in trainers.items()}, rounds)
     print(f"  inference rounds done in {time.perf_counter() - start:.0f} s", flush=True)
     memory = {v: peak_rss(model, v, quick, rss_steps) for v in VARIANTS}

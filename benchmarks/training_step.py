@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -85,20 +84,6 @@ def variants(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], 
     return {"before": before, "now": step, "routed": routed, "checkpointing": checkpointing}
 
 
-def interleaved(fns: dict[str, Callable[[], None]], rounds: int
-                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    wall: dict[str, list[float]] = {n: [] for n in fns}
-    cpu: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            w, c = time.perf_counter(), time.process_time()
-            fns[name]()
-            wall[name].append(time.perf_counter() - w)
-            cpu[name].append(time.process_time() - c)
-    return wall, cpu
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny config, writes nothing")
@@ -114,7 +99,7 @@ def main() -> None:
     for fn in fns.values():  # warm-up
         fn()
     load_before = Path("/proc/loadavg").read_text().split()[:3]
-    wall, cpu = interleaved(fns, rounds)
+    wall, cpu = common.interleaved_clocks(fns, rounds)
     load_after = Path("/proc/loadavg").read_text().split()[:3]
 
     def ratio(num: str, den: str) -> str:
